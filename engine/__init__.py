@@ -1,0 +1,1 @@
+"""The per-replica MLX engine: GPU scheduler, stream registry, model store. Never imports Ray."""

@@ -1,0 +1,160 @@
+"""Offline demo models: real mlx-lm architectures, random weights, a tokenizer trained locally.
+
+No machine we test on can reach a model hub, and a new user should see the whole system work before
+pulling gigabytes. The directory written here is the ordinary Hugging Face / mlx-lm layout, so it
+loads unchanged through ``mlx_lm.load(path)`` and through the engine's normal load path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", EOS_TOKEN]
+# ChatML, the template most mlx-community chat models use.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class DemoPreset(BaseModel):
+    """Shape of a demo llama; ``vocab_size`` is exact (the tokenizer is padded to it)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    seed: int = 0
+
+
+PRESETS: dict[str, DemoPreset] = {
+    # A few MB: loads and generates in milliseconds, for tests.
+    "tiny": DemoPreset(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+    ),
+    # About 110M parameters (fp32, 440 MB): big enough that batching matters on a CPU.
+    "bench": DemoPreset(
+        hidden_size=768, num_hidden_layers=14, intermediate_size=2048,
+        num_attention_heads=12, num_key_value_heads=4, vocab_size=8192,
+    ),
+}
+
+PresetName = Literal["tiny", "bench"]
+
+
+def corpus_text() -> str:
+    return resources.files("engine").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+
+
+def _train_tokenizer(vocab_size: int):
+    """Byte-level BPE trained on the shipped corpus, padded with reserved tokens to ``vocab_size``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = corpus_text().splitlines()
+    tok.train_from_iterator(lines * 2, trainer=trainer)
+    missing = vocab_size - tok.get_vocab_size()
+    if missing < 0:
+        raise ValueError(f"tokenizer grew past vocab_size {vocab_size}")
+    tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
+    assert tok.get_vocab_size() == vocab_size
+    return tok
+
+
+def _model_config(p: DemoPreset) -> dict:
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": p.hidden_size,
+        "num_hidden_layers": p.num_hidden_layers,
+        "intermediate_size": p.intermediate_size,
+        "num_attention_heads": p.num_attention_heads,
+        "num_key_value_heads": p.num_key_value_heads,
+        "vocab_size": p.vocab_size,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def _write_weights(config: dict, seed: int, path: Path) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    # Wider logits than the default init so greedy choices are decisive rather than near-ties.
+    model.lm_head.weight = model.lm_head.weight * 8.0
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
+
+
+def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: bool = False) -> Path:
+    """Write a demo llama to ``out_dir`` (deterministic for a preset) and return the directory."""
+    p = PRESETS[preset]
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            if (out / "config.json").exists() and (out / "model.safetensors").exists():
+                return out
+            raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite)")
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    tok = _train_tokenizer(p.vocab_size)
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": EOS_TOKEN,
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+    (tmp / "special_tokens_map.json").write_text(json.dumps({
+        "eos_token": EOS_TOKEN, "pad_token": "<|endoftext|>",
+    }, indent=2))
+    config = _model_config(p)
+    config["eos_token_id"] = tok.token_to_id(EOS_TOKEN)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
+    _write_weights(config, p.seed, tmp / "model.safetensors")
+    (tmp / "README.md").write_text(
+        f"# mlx-serving demo model ({preset})\n\nA llama with random weights and a byte-level BPE "
+        "tokenizer trained on a small shipped corpus. It generates gibberish: it exists to exercise "
+        "the serving system offline. Built by `mlx-serving models make-demo`.\n"
+    )
+    tmp.rename(out)
+    return out
