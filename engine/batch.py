@@ -1,0 +1,71 @@
+"""Adapter over mlx-lm's ``BatchGenerator``: the one place that knows its API (pinned mlx-lm 0.32.2).
+
+mlx-lm's batching API changed between 0.31 and 0.32; everything else in the engine talks to this
+small surface: insert one sequence, remove some, step once, report what is in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
+from .sampling import LogitsProcessor, Sampler
+
+
+@dataclass(slots=True)
+class StepResult:
+    uid: int
+    token: int
+    logprobs: mx.array
+    finish_reason: str | None  # "stop" (EOS) or "length" from mlx-lm
+
+
+class TextBatch:
+    """Continuous batch for one text model. Must be created and used on the GPU thread."""
+
+    def __init__(self, model: Any, eos_ids: Sequence[int], *, max_batch_size: int,
+                 prefill_batch_size: int, prefill_step_size: int) -> None:
+        self._gen = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in eos_ids] or None,
+            completion_batch_size=max_batch_size,
+            prefill_batch_size=min(prefill_batch_size, max_batch_size),
+            prefill_step_size=prefill_step_size,
+            stream=mx.new_stream(mx.default_device()),
+        )
+        self._live: set[int] = set()
+
+    def insert(self, prompt: list[int], max_tokens: int, sampler: Sampler | None,
+               processors: list[LogitsProcessor]) -> int:
+        (uid,) = self._gen.insert(
+            [prompt], max_tokens=[max_tokens], samplers=[sampler], logits_processors=[processors]
+        )
+        self._live.add(uid)
+        return uid
+
+    def remove(self, uids: Sequence[int]) -> None:
+        uids = [u for u in uids if u in self._live]
+        if uids:
+            self._gen.remove(uids)
+            self._live.difference_update(uids)
+
+    def step(self) -> list[StepResult]:
+        """One scheduling step: a decode step for running sequences and a prefill chunk for new ones."""
+        _, responses = self._gen.next()
+        out = []
+        for r in responses:
+            if r.uid not in self._live:
+                continue
+            if r.finish_reason is not None:
+                self._live.discard(r.uid)
+            out.append(StepResult(r.uid, r.token, r.logprobs, r.finish_reason))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def close(self) -> None:
+        self._gen.close()

@@ -1,0 +1,26 @@
+"""Engine settings (one engine per replica process)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together per model.")
+    prefill_batch_size: int = Field(8, ge=1, le=256, description="New prompts prefilled together.")
+    prefill_step_size: int = Field(2048, ge=16, description="Prompt tokens per prefill chunk.")
+    max_waiting: int = Field(1024, ge=0, description="Queued requests per model before 429 over_capacity.")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="Weights of all loaded models; the least recently used idle model is unloaded to fit a new one."
+    )
+    default_max_tokens: int = Field(512, ge=1)
+    stream_buffer_items: int = Field(8, ge=1, description="Chunks buffered per stream before coalescing.")
+    stall_timeout_s: float = Field(120.0, gt=0, description="A consumer that reads nothing this long is cut off.")
+    stuck_after_s: float = Field(120.0, gt=0, description="Health fails when work waits and the GPU thread has not ticked this long.")
+    warmup: bool = True
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 1e9)

@@ -1,0 +1,197 @@
+"""The ``Engine`` facade: what a replica (or any process) uses to serve models.
+
+Validation, tokenization and processor construction happen on the caller's thread, so a bad request
+fails before it reaches the GPU thread; only validated sequences are handed to the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, AsyncIterator
+
+from pydantic import BaseModel, ValidationError
+
+from .config import EngineConfig
+from .errors import (
+    EngineError, EngineFailureError, InvalidRequestError, ModelNotFoundError, NotReadyError,
+)
+from .models import LoadedModel
+from .request import ChatMessage, GenerationChunk, GenerationRequest, ImagePart, ModelInfo
+from .sampling import make_processors, make_sampler
+from .scheduler import GpuScheduler, Sequence
+from .streams import StreamRegistry
+
+
+class EngineHealth(BaseModel):
+    alive: bool
+    stuck: bool
+    healthy: bool
+    detail: str
+    models: list[str]
+    active: int
+    waiting: int
+    seconds_since_tick: float
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._scheduler = GpuScheduler(self.config)
+        self._registry = StreamRegistry(
+            on_close=lambda rid: self._scheduler.post("cancel", rid),
+            max_items=self.config.stream_buffer_items,
+        )
+        self._loading: dict[str, Future] = {}
+        self._load_lock = threading.Lock()
+        self._accepting = True
+
+    # -- models ---------------------------------------------------------------------------------
+    async def load_model(self, name: str, source: str) -> ModelInfo:
+        """Load (and warm up) ``source`` as ``name``; concurrent calls for one name load it once."""
+        with self._load_lock:
+            fut = self._loading.get(name)
+            if fut is None:
+                fut = self._scheduler.call(lambda: self._scheduler.load(name, source))
+                self._loading[name] = fut
+                fut.add_done_callback(lambda _f: self._forget_load(name, _f))
+        m: LoadedModel = await asyncio.wrap_future(fut)
+        return m.info()
+
+    def _forget_load(self, name: str, fut: Future) -> None:
+        with self._load_lock:
+            if self._loading.get(name) is fut:
+                del self._loading[name]
+
+    async def unload_model(self, name: str) -> bool:
+        return await asyncio.wrap_future(self._scheduler.call(lambda: self._scheduler.unload(name)))
+
+    def list_models(self) -> list[ModelInfo]:
+        return [m.info() for m in list(self._scheduler.models.values())]
+
+    def _model(self, name: str) -> LoadedModel:
+        m = self._scheduler.models.get(name)
+        if m is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded", param="model")
+        return m
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def tokenize(self, model: str, text: str | None = None, messages: list[ChatMessage] | None = None,
+                 add_generation_prompt: bool = True) -> list[int]:
+        m = self._model(model)
+        if messages is not None:
+            return self._render_chat(m, messages, add_generation_prompt)
+        return list(m.tokenizer.encode(text or ""))
+
+    def detokenize(self, model: str, token_ids: list[int]) -> str:
+        m = self._model(model)
+        bad = [t for t in token_ids if not 0 <= t < m.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary (size {m.vocab_size})", param="tokens")
+        return m.tokenizer.decode(token_ids)
+
+    def _render_chat(self, m: LoadedModel, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        if any(isinstance(p, ImagePart) for msg in messages if isinstance(msg.content, list) for p in msg.content):
+            raise InvalidRequestError(f"model {m.name!r} does not accept images", param="messages")
+        dicts = [msg.model_dump(exclude_none=True) for msg in messages]
+        for d, msg in zip(dicts, messages):
+            d["content"] = msg.text()
+        try:
+            return list(m.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt))
+        except Exception as e:  # jinja templates raise for roles or orders they do not support
+            raise InvalidRequestError(f"the model's chat template rejected the messages: {e}", param="messages") from e
+
+    # -- generation -----------------------------------------------------------------------------
+    def prepare(self, request: GenerationRequest, stream_loop: asyncio.AbstractEventLoop) -> Sequence:
+        """Validate against the model and build the sequence; raises ``EngineError`` on bad input."""
+        if not self._accepting:
+            raise NotReadyError("engine is shutting down")
+        if not self._scheduler.alive:
+            raise EngineFailureError(f"engine is dead: {self._scheduler.dead!r}")
+        m = self._model(request.model)
+        p = request.sampling
+        if request.messages is not None:
+            prompt = self._render_chat(m, request.messages, True)
+        elif request.prompt is not None:
+            prompt = list(m.tokenizer.encode(request.prompt))
+        else:
+            prompt = list(request.prompt_token_ids or [])
+        if not prompt:
+            raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
+        if max(prompt) >= m.vocab_size:
+            raise InvalidRequestError(f"prompt token id {max(prompt)} is outside the vocabulary (size {m.vocab_size})", param="prompt")
+        if len(prompt) + p.max_tokens > m.context_length:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({p.max_tokens}) exceeds the model's context of {m.context_length} tokens",
+                param="max_tokens", code="context_length_exceeded")
+        if p.logit_bias and max(p.logit_bias) >= m.vocab_size:
+            raise InvalidRequestError(f"logit_bias token id {max(p.logit_bias)} is outside the vocabulary", param="logit_bias")
+        processors = make_processors(p)
+        deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
+        stream = self._registry.open(request.request_id, stream_loop)
+        return Sequence(request=request, prompt=prompt, stream=stream, sampler=make_sampler(p),
+                        processors=processors, deadline=deadline)
+
+    async def generate(self, request: GenerationRequest | dict[str, Any]) -> AsyncIterator[GenerationChunk]:
+        """Stream a request's output; closing the iterator cancels the generation."""
+        if not isinstance(request, GenerationRequest):
+            try:
+                request = GenerationRequest.model_validate(request)
+            except ValidationError as e:
+                raise InvalidRequestError(_first_error(e)) from e
+        seq = self.prepare(request, asyncio.get_running_loop())
+        self._scheduler.submit(seq)
+        try:
+            while True:
+                chunk = await seq.stream.next()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            self._registry.close(request.request_id)
+
+    async def complete(self, request: GenerationRequest | dict[str, Any]) -> GenerationChunk:
+        """The whole output as one chunk (non-streaming callers)."""
+        result: GenerationChunk | None = None
+        async for chunk in self.generate(request):
+            result = chunk if result is None else result.merge(chunk)
+        assert result is not None
+        return result
+
+    # -- health and lifecycle -------------------------------------------------------------------
+    def health(self) -> EngineHealth:
+        s = self._scheduler
+        models = list(s.models.values())
+        busy = any(m.busy for m in models)
+        since = time.monotonic() - s.heartbeat
+        stuck = busy and since > self.config.stuck_after_s
+        alive = s.alive
+        detail = "ok" if alive and not stuck else (f"GPU thread dead: {s.dead!r}" if not alive else f"GPU thread has not ticked for {since:.0f}s")
+        return EngineHealth(
+            alive=alive, stuck=stuck, healthy=alive and not stuck, detail=detail,
+            models=[m.name for m in models], active=sum(len(m.running) for m in models),
+            waiting=sum(len(m.waiting) for m in models), seconds_since_tick=since,
+        )
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._registry)
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking requests, let in-flight streams finish (up to the timeout), stop the thread."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while len(self._registry) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self._scheduler.stop)
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
+
+
+__all__ = ["Engine", "EngineError", "EngineHealth"]

@@ -1,0 +1,105 @@
+"""Loading models and accounting for their memory. Runs on the GPU thread only.
+
+A source is a local directory or a Hugging Face repo id (``mlx-community/...``); mlx-lm's own
+``load`` resolves both, so what works with ``mlx_lm.generate`` works here.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .batch import TextBatch
+from .errors import ModelLoadError
+from .request import ModelInfo
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    source: str
+    model: Any
+    tokenizer: Any
+    config: dict[str, Any]
+    nbytes: int
+    vocab_size: int
+    context_length: int
+    eos_ids: set[int]
+    batch: TextBatch
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    waiting: list = field(default_factory=list)  # heap of scheduler.Sequence
+    running: dict[int, Any] = field(default_factory=dict)  # batch uid -> scheduler.Sequence
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name, source=self.source, nbytes=self.nbytes, vocab_size=self.vocab_size,
+            loaded_at=self.loaded_at, active=len(self.running), waiting=len(self.waiting),
+        )
+
+
+def estimate_bytes(source: str) -> int | None:
+    """Weight bytes of a local checkpoint, from file sizes (known before loading anything)."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def load_text_model(name: str, source: str, batch_kwargs: dict[str, Any]) -> LoadedModel:
+    import mlx_lm
+
+    try:
+        model, tokenizer, config = mlx_lm.load(source, return_config=True)
+    except Exception as e:  # bad path, unknown architecture, hub unreachable, corrupt weights
+        raise ModelLoadError(f"could not load model {name!r} from {source!r}: {e}") from e
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    text_cfg = config.get("text_config", config)
+    vocab_size = int(text_cfg.get("vocab_size") or len(tokenizer))
+    context = int(text_cfg.get("max_position_embeddings") or 0) or 1 << 20
+    eos_ids = set(tokenizer.eos_token_ids)
+    batch = TextBatch(model, sorted(eos_ids), **batch_kwargs)
+    return LoadedModel(
+        name=name, source=source, model=model, tokenizer=tokenizer, config=config, nbytes=nbytes,
+        vocab_size=vocab_size, context_length=context, eos_ids=eos_ids, batch=batch,
+    )
+
+
+def warmup(m: LoadedModel) -> None:
+    """One short real generation so the first client does not pay for first-call setup."""
+    uid = m.batch.insert([0, 1], 2, None, [])
+    for _ in range(8):
+        if any(r.finish_reason for r in m.batch.step() if r.uid == uid):
+            break
+    m.batch.remove([uid])
+
+
+def release(m: LoadedModel) -> None:
+    m.batch.close()
+    m.model = None
+    gc.collect()
+    mx.clear_cache()
+
+
+def lru_victims(models: dict[str, LoadedModel], need: int, budget: int) -> list[str]:
+    """Idle models to unload, least recently used first, so ``need`` more bytes fit in ``budget``."""
+    used = sum(m.nbytes for m in models.values())
+    idle = [(m.last_used, m.name) for m in models.values() if not m.busy]
+    heapq.heapify(idle)
+    victims = []
+    while used + need > budget and idle:
+        _, name = heapq.heappop(idle)
+        victims.append(name)
+        used -= models[name].nbytes
+    return victims if used + need <= budget else []

@@ -1,0 +1,320 @@
+"""The GPU scheduler: one thread that makes every MLX call of an engine.
+
+MLX streams are bound to the thread that created them, so loading, prefill, decode and unload all
+happen here. Callers talk to it through a thread-safe inbox; results leave through the stream
+registry. Each loop turn: take commands, drop expired or abandoned work, then for every model with
+work admit waiting requests (interactive before batch, earlier deadline first) into its continuous
+batch and run one step. A step that raises fails only that model's batch; anything escaping the
+loop kills the thread, and every waiter is told.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .batch import StepResult, TextBatch
+from .config import EngineConfig
+from .errors import (
+    DeadlineExceededError, EngineError, EngineFailureError, ModelLoadError, ModelNotFoundError,
+    OverCapacityError,
+)
+from .models import LoadedModel, estimate_bytes, load_text_model, lru_victims, release, warmup
+from .output import SequenceOutput
+from .request import GenerationChunk, GenerationRequest, Usage
+from .sampling import LogitsProcessor, Sampler
+from .streams import RequestStream
+
+log = logging.getLogger("mlx_serving.engine")
+
+_PRIORITY = {"interactive": 0, "batch": 1}
+_arrivals = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request on its way through the scheduler (built off-thread, fully validated)."""
+
+    request: GenerationRequest
+    prompt: list[int]
+    stream: RequestStream
+    sampler: Sampler | None
+    processors: list[LogitsProcessor]
+    deadline: float | None
+    submitted: float = field(default_factory=time.monotonic)
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    uid: int | None = None
+    output: SequenceOutput | None = None
+    first_token_at: float | None = None
+
+    def __lt__(self, other: Sequence) -> bool:
+        return self._key() < other._key()
+
+    def _key(self) -> tuple[int, float, int]:
+        return (_PRIORITY[self.request.priority], self.deadline or float("inf"), self.arrival)
+
+
+class _Stop(BaseException):
+    """Posted to end the loop cleanly."""
+
+
+class GpuScheduler:
+    def __init__(self, config: EngineConfig, on_step: Callable[[str, int, float], None] | None = None) -> None:
+        self.config = config
+        self.models: dict[str, LoadedModel] = {}
+        self.dead: BaseException | None = None
+        self.heartbeat = time.monotonic()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._by_request: dict[str, Sequence] = {}
+        self._on_step = on_step
+        self._thread = threading.Thread(target=self._run, name="mlx-gpu-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread -----------------------------------------------------------------
+    def post(self, command: str, payload: Any = None) -> None:
+        self._inbox.put((command, payload))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the GPU thread (between steps) and get its result as a future."""
+        fut: Future = Future()
+        self.post("call", (fn, fut))
+        if self.dead is not None:  # the thread may have died between the check and the post
+            self._fail_future(fut)
+        return fut
+
+    def submit(self, seq: Sequence) -> None:
+        self.post("submit", seq)
+        if self.dead is not None:
+            seq.stream.push(EngineFailureError(f"engine is dead: {self.dead!r}"))
+
+    @property
+    def alive(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.post("stop")
+        self._thread.join(timeout)
+
+    # -- the loop (GPU thread) ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                self._take_commands(block=not any(m.busy for m in self.models.values()))
+                now = time.monotonic()
+                for m in list(self.models.values()):
+                    if m.busy:
+                        self._expire(m, now)
+                        self._admit(m)
+                        self._step(m)
+                self.heartbeat = time.monotonic()
+        except _Stop:
+            self._fail_all(EngineFailureError("engine is shutting down"))
+        except BaseException as e:  # noqa: BLE001 - whatever killed the loop, every waiter must hear
+            log.exception("GPU scheduler thread died")
+            self.dead = e
+            self._fail_all(EngineFailureError(f"engine GPU thread died: {e!r}"))
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            cmd, payload = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd, payload)
+            try:
+                cmd, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, cmd: str, payload: Any) -> None:
+        if cmd == "submit":
+            self._enqueue(payload)
+        elif cmd == "cancel":
+            self._cancel(payload)
+        elif cmd == "call":
+            fn, fut = payload
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
+        elif cmd == "stop":
+            raise _Stop()
+
+    def _enqueue(self, seq: Sequence) -> None:
+        m = self.models.get(seq.request.model)
+        if m is None:
+            seq.stream.push(ModelNotFoundError(f"model {seq.request.model!r} is not loaded", param="model"))
+            return
+        if seq.stream.closed:
+            return
+        if len(m.waiting) >= self.config.max_waiting:
+            seq.stream.push(OverCapacityError(
+                f"model {m.name!r} has {len(m.waiting)} requests waiting", retry_after=1.0))
+            return
+        self._by_request[seq.request.request_id] = seq
+        heapq.heappush(m.waiting, seq)
+        m.last_used = time.monotonic()
+
+    def _cancel(self, request_id: str) -> None:
+        seq = self._by_request.pop(request_id, None)
+        if seq is None:
+            return
+        m = self.models.get(seq.request.model)
+        if m is None:
+            return
+        if seq.uid is not None:
+            m.batch.remove([seq.uid])
+            m.running.pop(seq.uid, None)
+        elif seq in m.waiting:
+            m.waiting.remove(seq)
+            heapq.heapify(m.waiting)
+
+    def _finish(self, m: LoadedModel, seq: Sequence, error: EngineError | None = None) -> None:
+        self._by_request.pop(seq.request.request_id, None)
+        if seq.uid is not None:
+            m.running.pop(seq.uid, None)
+        if error is not None:
+            seq.stream.push(error)
+
+    def _expire(self, m: LoadedModel, now: float) -> None:
+        stall = self.config.stall_timeout_s
+        for seq in [s for s in m.waiting if (s.deadline and s.deadline <= now) or s.stream.closed]:
+            m.waiting.remove(seq)
+            heapq.heapify(m.waiting)
+            self._finish(m, seq, DeadlineExceededError("deadline passed while the request waited in the queue"))
+        dropped = []
+        for uid, seq in m.running.items():
+            if seq.deadline and seq.deadline <= now:
+                dropped.append((seq, DeadlineExceededError("deadline passed during generation")))
+            elif seq.stream.closed:
+                dropped.append((seq, None))
+            elif seq.stream.stalled(stall, now):
+                dropped.append((seq, EngineFailureError(f"consumer read nothing for {stall:.0f}s", code="consumer_stalled")))
+        if dropped:
+            m.batch.remove([s.uid for s, _ in dropped])
+            for seq, err in dropped:
+                self._finish(m, seq, err)
+
+    def _admit(self, m: LoadedModel) -> None:
+        free = self.config.max_batch_size - len(m.running)
+        while free > 0 and m.waiting:
+            seq = heapq.heappop(m.waiting)
+            p = seq.request.sampling
+            seq.output = SequenceOutput(m.tokenizer, p, m.eos_ids)
+            seq.uid = m.batch.insert(seq.prompt, p.max_tokens, seq.sampler, seq.processors)
+            m.running[seq.uid] = seq
+            free -= 1
+
+    def _step(self, m: LoadedModel) -> None:
+        if not m.running:
+            return
+        t0 = time.monotonic()
+        try:
+            results = m.batch.step()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail this batch, keep serving
+            log.exception("generation step failed for model %s", m.name)
+            err = EngineFailureError(f"generation step failed: {e}")
+            for seq in list(m.running.values()):
+                self._finish(m, seq, err)
+            m.batch.close()
+            m.batch = TextBatch(m.model, sorted(m.eos_ids), **self._batch_kwargs())
+            return
+        now = time.monotonic()
+        for r in results:
+            seq = m.running.get(r.uid)
+            if seq is not None:
+                self._deliver(m, seq, r, now)
+        m.last_used = now
+        if self._on_step is not None:
+            self._on_step(m.name, len(results), now - t0)
+
+    def _deliver(self, m: LoadedModel, seq: Sequence, r: StepResult, now: float) -> None:
+        out = seq.output
+        assert out is not None
+        text, lp, stop_hit = out.add(r.token, r.logprobs)
+        finish = "stop" if stop_hit or r.finish_reason == "stop" else r.finish_reason
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        usage = None
+        if finish is not None:
+            if stop_hit:
+                m.batch.remove([r.uid])
+            else:
+                text += out.finish()
+            usage = Usage.model_construct(
+                prompt_tokens=len(seq.prompt), completion_tokens=out.completion_tokens,
+                total_tokens=len(seq.prompt) + out.completion_tokens, cached_tokens=0,
+            )
+            self._finish(m, seq)
+        seq.stream.push(GenerationChunk.model_construct(
+            request_id=seq.request.request_id, text=text, token_ids=[r.token],
+            logprobs=[lp] if lp is not None else None, finish_reason=finish, usage=usage,
+        ))
+
+    def _fail_all(self, err: EngineError) -> None:
+        for m in self.models.values():
+            for seq in list(m.waiting) + list(m.running.values()):
+                seq.stream.push(err)
+            m.waiting.clear()
+            m.running.clear()
+        self._by_request.clear()
+        while True:
+            try:
+                cmd, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if cmd == "submit":
+                payload.stream.push(err)
+            elif cmd == "call":
+                self._fail_future(payload[1])
+
+    def _fail_future(self, fut: Future) -> None:
+        if not fut.done() and fut.set_running_or_notify_cancel():
+            fut.set_exception(EngineFailureError(f"engine is dead: {self.dead!r}"))
+
+    # -- model management (run through call(), so on the GPU thread) -----------------------------
+    def _batch_kwargs(self) -> dict[str, Any]:
+        c = self.config
+        return {"max_batch_size": c.max_batch_size, "prefill_batch_size": c.prefill_batch_size,
+                "prefill_step_size": c.prefill_step_size}
+
+    def load(self, name: str, source: str) -> LoadedModel:
+        if name in self.models:
+            return self.models[name]
+        budget = self.config.memory_budget_bytes
+        if budget is not None:
+            need = estimate_bytes(source)
+            if need is not None:
+                if need > budget:
+                    raise ModelLoadError(
+                        f"model {name!r} needs {need / 1e9:.2f} GB, more than the engine's memory budget of {budget / 1e9:.2f} GB")
+                victims = lru_victims(self.models, need, budget)
+                if not victims and sum(m.nbytes for m in self.models.values()) + need > budget:
+                    raise OverCapacityError(
+                        f"loading {name!r} needs {need / 1e9:.2f} GB and every loaded model is busy", retry_after=5.0)
+                for victim in victims:
+                    log.info("unloading %s (least recently used) to make room for %s", victim, name)
+                    self.unload(victim)
+        m = load_text_model(name, source, self._batch_kwargs())
+        if self.config.warmup:
+            warmup(m)
+        self.models[name] = m
+        return m
+
+    def unload(self, name: str) -> bool:
+        m = self.models.pop(name, None)
+        if m is None:
+            return False
+        err = ModelNotFoundError(f"model {name!r} was unloaded", param="model")
+        for seq in list(m.waiting) + list(m.running.values()):
+            self._finish(m, seq, err)
+        release(m)
+        return True

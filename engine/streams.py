@@ -1,0 +1,131 @@
+"""Stream registry: request id -> bounded buffer from the GPU thread to the caller's event loop.
+
+The GPU thread never blocks on a consumer (that would stall the whole batch). When a consumer lags,
+new tokens are coalesced into the chunk still waiting for it, so the buffer holds at most
+``max_items`` chunks and one request's buffered text is bounded by its own ``max_tokens``; a consumer
+that reads nothing for ``stall_timeout_s`` while output waits is cut off and its slot freed. The
+consumer always receives everything available in one item, which is also how tokens get coalesced
+across Ray hops without delaying the first one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from .errors import EngineError
+from .request import GenerationChunk
+
+
+class RequestStream:
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_items: int) -> None:
+        self.request_id = request_id
+        self._loop = loop
+        self._max_items = max_items
+        self._items: deque[GenerationChunk | EngineError] = deque()
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._notified = False
+        self.closed = False  # set by the consumer side when it goes away
+        self.finished = False  # set by the producer after the final chunk or an error
+        self.last_read = time.monotonic()
+
+    # -- producer side (GPU thread) -------------------------------------------------------------
+    def push(self, item: GenerationChunk | EngineError) -> None:
+        with self._lock:
+            if self.finished or self.closed:
+                return
+            if isinstance(item, EngineError) or item.finish_reason is not None:
+                self.finished = True
+            last = self._items[-1] if self._items else None
+            if (
+                isinstance(item, GenerationChunk)
+                and isinstance(last, GenerationChunk)
+                and len(self._items) >= self._max_items
+            ):
+                self._items[-1] = last.merge(item)
+            else:
+                self._items.append(item)
+            if self._notified:
+                return
+            self._notified = True
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the consumer's loop is gone: nobody is listening any more
+            self.closed = True
+
+    def backlog(self) -> int:
+        return len(self._items)
+
+    def stalled(self, timeout_s: float, now: float) -> bool:
+        return bool(self._items) and now - self.last_read > timeout_s
+
+    # -- consumer side (caller's event loop) ----------------------------------------------------
+    async def next(self) -> GenerationChunk:
+        """Everything available now, merged into one chunk; raises the engine's error if any."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    break
+                self._ready.clear()
+                self._notified = False
+            await self._ready.wait()
+        self.last_read = time.monotonic()
+        chunk: GenerationChunk | None = None
+        for item in items:
+            if isinstance(item, EngineError):
+                if chunk is not None and (chunk.text or chunk.token_ids):
+                    with self._lock:  # deliver the text first, the error on the next call
+                        self._items.appendleft(item)
+                        self._notified = True
+                        self._ready.set()
+                    return chunk
+                raise item
+            chunk = item if chunk is None else chunk.merge(item)
+        assert chunk is not None
+        return chunk
+
+
+class StreamRegistry:
+    """All open streams of one engine. Closing a stream tells the scheduler to drop the sequence."""
+
+    def __init__(self, on_close: Callable[[str], None], max_items: int = 8) -> None:
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._on_close = on_close
+        self._max_items = max_items
+
+    def open(self, request_id: str, loop: asyncio.AbstractEventLoop) -> RequestStream:
+        with self._lock:
+            if request_id in self._streams:
+                from .errors import InvalidRequestError
+
+                raise InvalidRequestError(f"request id {request_id!r} is already in flight", param="request_id")
+            stream = RequestStream(request_id, loop, self._max_items)
+            self._streams[request_id] = stream
+            return stream
+
+    def get(self, request_id: str) -> RequestStream | None:
+        return self._streams.get(request_id)
+
+    def close(self, request_id: str) -> None:
+        """Consumer side is done (finished, cancelled or gone)."""
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        stream.closed = True
+        if not stream.finished:
+            self._on_close(request_id)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def snapshot(self) -> list[RequestStream]:
+        with self._lock:
+            return list(self._streams.values())
