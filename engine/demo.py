@@ -61,8 +61,11 @@ def corpus_text() -> str:
     return resources.files("engine").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 
 
-def _train_tokenizer(vocab_size: int):
-    """Byte-level BPE trained on the shipped corpus, padded with reserved tokens to ``vocab_size``."""
+def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS):
+    """Byte-level BPE trained on the shipped corpus, padded with reserved tokens to ``vocab_size``.
+
+    ``special_tokens`` take ids ``0..n-1`` in order, so a model config can name them by id.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -72,7 +75,7 @@ def _train_tokenizer(vocab_size: int):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -117,19 +120,29 @@ def _write_weights(config: dict, seed: int, path: Path) -> None:
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
 
 
-def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: bool = False) -> Path:
-    """Write a demo llama to ``out_dir`` (deterministic for a preset) and return the directory."""
-    p = PRESETS[preset]
-    out = Path(out_dir).expanduser().resolve()
+def _staging_dir(out: Path, force: bool) -> Path | None:
+    """Empty ``<out>.partial`` to build in (renamed onto ``out`` at the end, so a crash never
+    leaves a half-written model where a loader would find it), or None when ``out`` already holds
+    a built model and ``force`` is off."""
     if out.exists() and any(out.iterdir()):
         if not force:
             if (out / "config.json").exists() and (out / "model.safetensors").exists():
-                return out
+                return None
             raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite)")
         shutil.rmtree(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: bool = False) -> Path:
+    """Write a demo llama to ``out_dir`` (deterministic for a preset) and return the directory."""
+    p = PRESETS[preset]
+    out = Path(out_dir).expanduser().resolve()
+    tmp = _staging_dir(out, force)
+    if tmp is None:
+        return out
 
     tok = _train_tokenizer(p.vocab_size)
     tok.save(str(tmp / "tokenizer.json"))
