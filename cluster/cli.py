@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine.demo import PRESETS
+
+from . import local, serve_config
 
 
 def _cmd_make_demo(args: argparse.Namespace) -> int:
@@ -22,9 +25,176 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    bad = 0
+    for path in args.files:
+        try:
+            found = serve_config.problems(serve_config.load(path))
+        except (OSError, ValueError) as e:
+            found = [str(e)]
+        if found:
+            bad += 1
+            print(f"{path}: {len(found)} problem(s)")
+            for p in found:
+                print(f"  - {p}")
+        else:
+            print(f"{path}: ok")
+    return 1 if bad else 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    path = Path(args.config) if args.config else serve_config.DEFAULT_CONFIG
+    config = serve_config.load(path)
+    found = serve_config.problems(config)
+    if found:
+        print(f"{path} is not valid:", *(f"  - {p}" for p in found), sep="\n", file=sys.stderr)
+        return 1
+    http = config.setdefault("http_options", {})
+    if args.port is not None:
+        http["port"] = args.port
+    if args.host is not None:
+        http["host"] = args.host
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+    http_url = f"http://{'127.0.0.1' if http['host'] in ('0.0.0.0', '::') else http['host']}:{http['port']}"
+
+    previous = local.read_state()
+    started_head = False
+    if args.address:
+        address, dashboard = args.address, args.dashboard
+    elif local.cluster_running("auto"):
+        address, dashboard = "auto", args.dashboard
+        print("using the Ray cluster already running on this machine")
+    else:
+        print("starting a Ray head on this machine ...", flush=True)
+        local.start_head(port=args.ray_port, dashboard_port=args.dashboard_port, num_cpus=args.num_cpus, host=None)
+        address, dashboard = "auto", f"http://127.0.0.1:{args.dashboard_port}"
+        started_head = True
+    if previous is not None and not started_head:
+        started_head = previous.started_head
+
+    from engine import sources
+
+    for a in serve_config.app_args(config):  # build demo models here first: errors show up now, not in a replica log
+        for m in a.get("models", []):
+            if sources.is_demo(m.get("source", "")):
+                print(f"demo model {m['source']} at {sources.resolve(m['source'])}")
+
+    print(f"deploying {path} ...", flush=True)
+    local.deploy(dashboard, config)
+    app_names = [a.get("name", "default") for a in config["applications"]]
+    local.write_state(local.UpState(started_head=started_head, address=address, dashboard_url=dashboard,
+                                    app_names=app_names, http_url=http_url))
+    prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
+    base = http_url + prefix
+    try:
+        body = local.wait_ready(base, args.timeout, progress=None)
+    except TimeoutError as e:
+        print(f"deployed, but {e}\nsee `mlx-serving status` and the Ray dashboard at {dashboard}", file=sys.stderr)
+        return 1
+    models = ", ".join(m["name"] for m in body.get("models", []))
+    print(f"ready: {models}\n  OpenAI API: {base}/v1\n  Ray dashboard: {dashboard}\n"
+          f"try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{body['models'][0]['name']}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    state = local.read_state()
+    if state is None:
+        print("nothing to stop: `mlx-serving up` has not started anything here")
+        return 0
+    if state.started_head:
+        print("stopping the Ray head started by `mlx-serving up` ...")
+        local.stop_ray()
+    else:
+        import ray
+        from ray import serve
+
+        ray.init(address=state.address, logging_level="ERROR")
+        for name in state.app_names:
+            print(f"deleting Serve application {name!r}")
+            serve.delete(name)
+    local.state_file().unlink(missing_ok=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    state = local.read_state()
+    dashboard = args.dashboard if args.dashboard != _DEFAULT_DASHBOARD or state is None else state.dashboard_url
+    try:
+        details = local.serve_details(dashboard)
+    except Exception as e:  # noqa: BLE001 - no cluster, no dashboard
+        print(f"no Ray Serve reachable at {dashboard}: {e}", file=sys.stderr)
+        return 1
+    import ray
+
+    ray.init(address=args.address or (state.address if state else "auto"), logging_level="ERROR")
+    hosts = {n["NodeID"]: (n.get("Labels") or {}).get("host", n.get("NodeManagerAddress")) for n in ray.nodes() if n.get("Alive")}
+    print("hosts:")
+    for node, host in sorted(hosts.items(), key=lambda kv: str(kv[1])):
+        print(f"  {host:<24} node {node[:12]}")
+    for app_name, app in (details.get("applications") or {}).items():
+        print(f"application {app_name}: {app.get('status')}")
+        for dep_name, dep in (app.get("deployments") or {}).items():
+            print(f"  {dep_name}: {dep.get('status')}")
+            for r in dep.get("replicas", []):
+                print(f"    replica {r.get('replica_id', '')[:10]} {r.get('state'):<10} host={hosts.get(r.get('node_id'), r.get('node_ip'))} pid={r.get('pid')}")
+    if state is not None:
+        code, body = local.get_json(state.http_url + "/ready")
+        ready = body if isinstance(body, dict) else {}
+        print(f"ready: {ready.get('ready', False)} ({state.http_url})")
+        for m in ready.get("models", []):
+            print(f"  model {m['name']}: {'ready' if m['ready'] else 'NOT ready'} ({m.get('detail', '')})")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .inventory import FleetError, load_fleet
+    from .placement import FootprintError, PlacementError, plan
+
+    try:
+        print(plan(load_fleet(args.file)).as_table())
+    except (FleetError, PlacementError, FootprintError) as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    return 0
+
+
+_DEFAULT_DASHBOARD = f"http://127.0.0.1:{local.DEFAULT_DASHBOARD_PORT}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-serving", description="Serve MLX models across a fleet of Macs on Ray Serve.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local Ray head if needed, deploy a config, wait until ready")
+    up.add_argument("--config", help=f"a Ray Serve config file (default: {serve_config.DEFAULT_CONFIG})")
+    up.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
+    up.add_argument("--host", help="HTTP bind address (default: the config's, else 127.0.0.1)")
+    up.add_argument("--address", help="join this Ray cluster instead of using or starting a local one")
+    up.add_argument("--dashboard", default=_DEFAULT_DASHBOARD, help="Ray dashboard URL of that cluster")
+    up.add_argument("--ray-port", type=int, default=local.DEFAULT_GCS_PORT)
+    up.add_argument("--dashboard-port", type=int, default=local.DEFAULT_DASHBOARD_PORT)
+    up.add_argument("--num-cpus", type=int, help="CPUs the local Ray head offers (default: all)")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /ready")
+    up.set_defaults(func=_cmd_up)
+
+    down = sub.add_parser("down", help="stop what `up` started, and nothing else")
+    down.set_defaults(func=_cmd_down)
+
+    status = sub.add_parser("status", help="deployments, replicas and their hosts, readiness")
+    status.add_argument("--dashboard", default=_DEFAULT_DASHBOARD)
+    status.add_argument("--address")
+    status.set_defaults(func=_cmd_status)
+
+    validate = sub.add_parser("validate", help="check config files; prints every problem with its path")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(func=_cmd_validate)
+
+    plan = sub.add_parser("plan", help="print the memory plan of a fleet inventory")
+    plan.add_argument("file")
+    plan.set_defaults(func=_cmd_plan)
 
     models = sub.add_parser("models", help="model utilities")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -38,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args: Any = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -51,14 +51,21 @@ class Engine:
     # -- models ---------------------------------------------------------------------------------
     async def load_model(self, name: str, source: str) -> ModelInfo:
         """Load (and warm up) ``source`` as ``name``; concurrent calls for one name load it once."""
+        m: LoadedModel = await asyncio.wrap_future(self._load_future(name, source))
+        return m.info()
+
+    def load_model_blocking(self, name: str, source: str) -> ModelInfo:
+        """``load_model`` for synchronous callers (a replica's constructor)."""
+        return self._load_future(name, source).result().info()
+
+    def _load_future(self, name: str, source: str) -> Future:
         with self._load_lock:
             fut = self._loading.get(name)
             if fut is None:
                 fut = self._scheduler.call(lambda: self._scheduler.load(name, source))
                 self._loading[name] = fut
                 fut.add_done_callback(lambda _f: self._forget_load(name, _f))
-        m: LoadedModel = await asyncio.wrap_future(fut)
-        return m.info()
+            return fut
 
     def _forget_load(self, name: str, fut: Future) -> None:
         with self._load_lock:

@@ -1,0 +1,146 @@
+"""Bringing up and tearing down what ``mlx-serving up`` owns on this machine.
+
+``up`` writes a small state file saying what it started (the Ray head, the Serve app), so ``down``
+stops exactly that and nothing else: a Ray cluster the user started stays up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from engine import blas
+from engine.sources import cache_dir
+
+DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_GCS_PORT = 6379
+
+
+class UpState(BaseModel):
+    started_head: bool
+    address: str
+    dashboard_url: str
+    app_names: list[str]
+    http_url: str
+
+
+def state_file() -> Path:
+    return cache_dir() / "up-state.json"
+
+
+def read_state() -> UpState | None:
+    try:
+        return UpState.model_validate_json(state_file().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(state: UpState) -> None:
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    state_file().write_text(state.model_dump_json(indent=2))
+
+
+def host_label(name: str | None = None) -> str:
+    """This machine's name as a Ray label value (letters, digits, '-', '_', '.'; at most 63)."""
+    raw = (name or socket.gethostname()).split(".")[0]
+    return (re.sub(r"[^A-Za-z0-9_.-]", "-", raw).strip("-_.") or "localhost")[:63]
+
+
+def ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def cluster_running(address: str) -> bool:
+    """Whether a Ray cluster answers at ``address`` (``auto`` reads the local bootstrap file)."""
+    res = subprocess.run([ray_bin(), "status", "--address", address], capture_output=True, text=True, timeout=60)
+    return res.returncode == 0
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Ray processes we start: OpenBLAS on Linux, multi-node on macOS."""
+    env = dict(os.environ)
+    env.update(blas.preload_env())
+    if sys.platform == "darwin":
+        env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    env.update(extra or {})
+    return env
+
+
+def start_head(*, port: int, dashboard_port: int, num_cpus: int | None, host: str | None,
+               labels: dict[str, str] | None = None) -> None:
+    all_labels = {"host": host_label(host), **(labels or {})}
+    cmd = [
+        ray_bin(), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+        "--labels=" + ",".join(f"{k}={v}" for k, v in all_labels.items()),
+        f"--resources={json.dumps({'host:' + all_labels['host']: 1000})}",
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=180)
+    if res.returncode != 0:
+        raise RuntimeError(f"`ray start --head` failed:\n{res.stdout}\n{res.stderr}")
+
+
+def stop_ray() -> None:
+    subprocess.run([ray_bin(), "stop", "--force"], capture_output=True, text=True, timeout=120)
+
+
+def deploy(dashboard_url: str, serve_config: dict[str, Any]) -> None:
+    """What `serve deploy FILE` does: a declarative update, so re-running changes things in place."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    ServeSubmissionClient(dashboard_url).deploy_applications(serve_config)
+
+
+def delete_apps(dashboard_url: str) -> None:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    ServeSubmissionClient(dashboard_url).delete_applications()
+
+
+def serve_details(dashboard_url: str) -> dict[str, Any]:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(dashboard_url).get_serve_details()
+
+
+def get_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"null")
+        except ValueError:
+            return e.code, None
+
+
+def wait_ready(url: str, timeout_s: float, progress: Any = None) -> dict[str, Any]:
+    """Poll ``/ready`` until every model is ready; raises TimeoutError with the last answer."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status, body = get_json(url.rstrip("/") + "/ready")
+            if status == 200:
+                return body
+            last = body
+        except (OSError, ValueError) as e:
+            last = str(e)
+        if progress:
+            progress(last)
+        time.sleep(1.0)
+    raise TimeoutError(f"not ready after {timeout_s:.0f}s: {last}")

@@ -1,0 +1,271 @@
+"""OpenAI-compatible HTTP bodies, and their translation to the engine's request.
+
+Field names and bounds follow OpenAI's API reference so that the official client works unchanged;
+knobs OpenAI lacks (``top_k``, ``min_p``, ``repetition_penalty``) are accepted as extensions, the way
+vLLM and mlx_lm.server accept them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.request import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (e.g. n=1)
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    user: str | None = None
+    priority: Literal["interactive", "batch"] = "interactive"
+    response_format: dict[str, Any] | None = None
+
+    def sampling(self, max_tokens: int | None, default_max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        fields = {
+            k: getattr(self, k)
+            for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                      "frequency_penalty", "logit_bias", "seed", "stop")
+            if getattr(self, k) is not None
+        }
+        return SamplingParams(max_tokens=max_tokens or default_max_tokens, logprobs=logprobs,
+                              top_logprobs=top_logprobs, **fields)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str) -> GenerationRequest:
+        return GenerationRequest(
+            model=self.model, messages=self.messages,
+            sampling=self.sampling(self.max_completion_tokens or self.max_tokens, default_max_tokens,
+                                   self.logprobs, self.top_logprobs or 0),
+            priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.response_format,
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] = Field(description="A string, or a list of token ids.")
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _nonempty(cls, v: str | list[int]) -> str | list[int]:
+        if not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str) -> GenerationRequest:
+        prompt = {"prompt": self.prompt} if isinstance(self.prompt, str) else {"prompt_token_ids": self.prompt}
+        return GenerationRequest(
+            model=self.model, **prompt,
+            sampling=self.sampling(self.max_tokens, default_max_tokens, self.logprobs is not None, self.logprobs or 0),
+            priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.response_format,
+        )
+
+
+# -- responses ------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, chunk: GenerationChunk) -> UsageInfo | None:
+        u = chunk.usage
+        if u is None:
+            return None
+        return cls(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobOut]
+
+    @classmethod
+    def of(cls, lps: list[TokenLogprob] | None) -> ChatLogprobs | None:
+        if lps is None:
+            return None
+        return cls(content=[ChatLogprobOut(
+            token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()),
+            top_logprobs=[TopLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.token.encode())) for t in lp.top_logprobs],
+        ) for lp in lps])
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+
+    @classmethod
+    def of(cls, lps: list[TokenLogprob] | None) -> CompletionLogprobs | None:
+        if lps is None:
+            return None
+        return cls(tokens=[lp.token for lp in lps], token_logprobs=[lp.logprob for lp in lps],
+                   top_logprobs=[{t.token: t.logprob for t in lp.top_logprobs} for lp in lps])
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mlx-serving"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+
+
+class DetokenizeRequest(BaseModel):
+    model: str
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelStatus(BaseModel):
+    name: str
+    ready: bool
+    replicas_healthy: int | None = None
+    detail: str = ""
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    models: list[ModelStatus]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"

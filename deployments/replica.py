@@ -1,0 +1,106 @@
+"""The model replica deployment: one engine (one GPU thread) per replica process.
+
+It is a thin shell: Serve gives it a process, a host pin, health checks and shutdown; the engine
+does the work. Errors travel as ``ReplicaError`` items so the ingress can answer with the right
+status before it starts a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any, AsyncIterator
+
+import ray
+from ray import serve
+
+from engine import sources
+from engine.engine import Engine
+from engine.errors import EngineError, EngineFailureError
+from engine.request import ChatMessage, GenerationChunk, GenerationRequest
+
+from .config import ModelDeploymentConfig
+from .messages import ReplicaError, ReplicaInfo
+
+
+class ModelReplica:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = ModelDeploymentConfig.model_validate(config)
+        self.engine = Engine(self.config.engine)
+        source = sources.resolve(self.config.source)
+        # Blocks this constructor until the weights are loaded and warmed up: Serve marks the replica
+        # ready only then, so no request ever waits on a cold model.
+        self.engine.load_model_blocking(self.config.name, source)
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[GenerationChunk | ReplicaError]:
+        """Stream chunks; each item holds every token produced since the previous one."""
+        fault = self.config.fault
+        try:
+            if fault and fault.error_probability and random.random() < fault.error_probability:
+                raise EngineFailureError("injected fault (fault.error_probability)", code="injected_fault")
+            async for chunk in self.engine.generate(GenerationRequest.model_validate(request)):
+                if fault and fault.added_latency_per_token_s:
+                    await asyncio.sleep(fault.added_latency_per_token_s * max(1, len(chunk.token_ids)))
+                yield chunk
+        except EngineError as e:
+            yield ReplicaError.of(e)
+
+    async def complete(self, request: dict[str, Any]) -> GenerationChunk | ReplicaError:
+        result: GenerationChunk | None = None
+        async for item in self.generate(request):
+            if isinstance(item, ReplicaError):
+                return item
+            result = item if result is None else result.merge(item)
+        assert result is not None
+        return result
+
+    def tokenize(self, prompt: str | None, messages: list[dict] | None, add_generation_prompt: bool) -> list[int] | ReplicaError:
+        try:
+            msgs = [ChatMessage.model_validate(m) for m in messages] if messages is not None else None
+            return self.engine.tokenize(self.config.name, prompt, msgs, add_generation_prompt)
+        except EngineError as e:
+            return ReplicaError.of(e)
+
+    def detokenize(self, tokens: list[int]) -> str | ReplicaError:
+        try:
+            return self.engine.detokenize(self.config.name, tokens)
+        except EngineError as e:
+            return ReplicaError.of(e)
+
+    def info(self) -> ReplicaInfo:
+        h = self.engine.health()
+        ctx = ray.get_runtime_context()
+        labels = ctx.get_node_labels() or {}
+        host = labels.get("host")
+        return ReplicaInfo(
+            model=self.config.name, healthy=h.healthy, detail=h.detail,
+            host=host if isinstance(host, str) else (host[0] if host else None),
+            node_id=ctx.get_node_id(), pid=os.getpid(), active=h.active, waiting=h.waiting,
+            models=self.engine.list_models(),
+        )
+
+    def check_health(self) -> None:
+        """Serve replaces the replica when this raises: a dead or stuck GPU thread is not recoverable."""
+        h = self.engine.health()
+        if not h.healthy:
+            raise RuntimeError(f"engine unhealthy: {h.detail}")
+
+    async def __del__(self) -> None:
+        await self.engine.shutdown(self.config.graceful_shutdown_timeout_s)
+
+
+def replica_deployment(cfg: ModelDeploymentConfig) -> serve.Deployment:
+    options: dict[str, Any] = {
+        "name": cfg.deployment_name,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": cfg.ray_actor_options(),
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "health_check_period_s": cfg.health_check_period_s,
+    }
+    if cfg.autoscaling_config is not None:
+        options["autoscaling_config"] = cfg.autoscaling_config
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return serve.deployment(ModelReplica).options(**options)
