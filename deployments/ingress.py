@@ -61,7 +61,7 @@ async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
 class BodyLimit:
     """413 for bodies over the limit, whether or not the client sent Content-Length."""
 
-    class _TooLarge(Exception):
+    class _TooLarge(BaseException):  # BaseException: FastAPI turns any Exception while reading into a 400
         pass
 
     def __init__(self, app: Callable, max_bytes: Callable[[], int]) -> None:

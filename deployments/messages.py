@@ -38,4 +38,5 @@ class ReplicaInfo(BaseModel):
     pid: int
     active: int
     waiting: int
+    cancelled_total: int
     models: list[ModelInfo]

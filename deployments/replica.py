@@ -76,7 +76,7 @@ class ModelReplica:
         return ReplicaInfo(
             model=self.config.name, healthy=h.healthy, detail=h.detail,
             host=host if isinstance(host, str) else (host[0] if host else None),
-            node_id=ctx.get_node_id(), pid=os.getpid(), active=h.active, waiting=h.waiting,
+            node_id=ctx.get_node_id(), pid=os.getpid(), active=h.active, waiting=h.waiting, cancelled_total=h.cancelled_total,
             models=self.engine.list_models(),
         )
 

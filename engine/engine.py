@@ -33,6 +33,7 @@ class EngineHealth(BaseModel):
     models: list[str]
     active: int
     waiting: int
+    cancelled_total: int
     seconds_since_tick: float
 
 
@@ -179,7 +180,8 @@ class Engine:
         return EngineHealth(
             alive=alive, stuck=stuck, healthy=alive and not stuck, detail=detail,
             models=[m.name for m in models], active=sum(len(m.running) for m in models),
-            waiting=sum(len(m.waiting) for m in models), seconds_since_tick=since,
+            waiting=sum(len(m.waiting) for m in models), cancelled_total=s.cancelled_total,
+            seconds_since_tick=since,
         )
 
     @property

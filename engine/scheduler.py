@@ -71,6 +71,7 @@ class GpuScheduler:
         self.models: dict[str, LoadedModel] = {}
         self.dead: BaseException | None = None
         self.heartbeat = time.monotonic()
+        self.cancelled_total = 0  # sequences dropped because their consumer went away
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
         self._on_step = on_step
@@ -155,7 +156,8 @@ class GpuScheduler:
             return
         if seq.stream.closed:
             return
-        if len(m.waiting) >= self.config.max_waiting:
+        free_slots = max(0, self.config.max_batch_size - len(m.running))
+        if len(m.waiting) >= self.config.max_waiting + free_slots:
             seq.stream.push(OverCapacityError(
                 f"model {m.name!r} has {len(m.waiting)} requests waiting", retry_after=1.0))
             return
@@ -170,6 +172,7 @@ class GpuScheduler:
         m = self.models.get(seq.request.model)
         if m is None:
             return
+        self.cancelled_total += 1
         if seq.uid is not None:
             m.batch.remove([seq.uid])
             m.running.pop(seq.uid, None)
@@ -195,6 +198,7 @@ class GpuScheduler:
             if seq.deadline and seq.deadline <= now:
                 dropped.append((seq, DeadlineExceededError("deadline passed during generation")))
             elif seq.stream.closed:
+                self.cancelled_total += 1
                 dropped.append((seq, None))
             elif seq.stream.stalled(stall, now):
                 dropped.append((seq, EngineFailureError(f"consumer read nothing for {stall:.0f}s", code="consumer_stalled")))
