@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from engine.errors import AuthenticationError, EngineError, EngineFailureError, InvalidRequestError, ModelNotFoundError
@@ -32,6 +33,7 @@ from .protocol import (
 )
 
 VARIANT_HEADER = "x-mlx-variant"
+REPLICA_RETRIES = 2  # attempts after a replica died before answering
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)
 }
@@ -159,18 +161,28 @@ class Ingress:
         return req.model_dump(mode="json")
 
     async def _open_stream(self, handle: DeploymentHandle, payload: dict) -> tuple[DeploymentResponseGenerator, GenerationChunk]:
-        """Start streaming and wait for the first item, so failures still get a proper status."""
-        gen = handle.options(stream=True).generate.remote(payload)
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            raise as_engine_error(ReplicaError.of(EngineFailureError("the replica produced no output")))
-        except Exception as e:  # noqa: BLE001 - Ray and Serve errors become OpenAI errors
-            raise as_engine_error(as_replica_error(e)) from e
-        if isinstance(first, ReplicaError):
-            gen.cancel()
-            raise as_engine_error(first)
-        return gen, first
+        """Start streaming and wait for the first item, so failures still get a proper status.
+
+        A replica (or its host) that dies before producing anything costs the client nothing: the
+        request goes to another replica, since no byte of the response has been sent yet.
+        """
+        for attempt in range(REPLICA_RETRIES + 1):
+            gen = handle.options(stream=True).generate.remote(payload)
+            try:
+                first = await gen.__anext__()
+            except StopAsyncIteration:
+                raise as_engine_error(ReplicaError.of(EngineFailureError("the replica produced no output")))
+            except RayActorError:
+                if attempt < REPLICA_RETRIES:
+                    continue
+                raise as_engine_error(as_replica_error(RayActorError())) from None
+            except Exception as e:  # noqa: BLE001 - Ray and Serve errors become OpenAI errors
+                raise as_engine_error(as_replica_error(e)) from e
+            if isinstance(first, ReplicaError):
+                gen.cancel()
+                raise as_engine_error(first)
+            return gen, first
+        raise AssertionError("unreachable")
 
     async def _relay(self, gen: DeploymentResponseGenerator, first: GenerationChunk) -> AsyncIterator[GenerationChunk | ReplicaError]:
         """Chunks from the replica; a failure mid-stream becomes a final ``ReplicaError``."""
@@ -237,10 +249,15 @@ class Ingress:
         ).model_dump(mode="json", exclude_none=True), headers=headers)
 
     async def _complete(self, handle: DeploymentHandle, payload: dict) -> GenerationChunk:
-        try:
-            result = await handle.complete.remote(payload)
-        except Exception as e:  # noqa: BLE001
-            raise as_engine_error(as_replica_error(e)) from e
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                result = await handle.complete.remote(payload)
+                break
+            except RayActorError as e:  # nothing was sent to the client yet: another replica may serve it
+                if attempt == REPLICA_RETRIES:
+                    raise as_engine_error(as_replica_error(e)) from e
+            except Exception as e:  # noqa: BLE001
+                raise as_engine_error(as_replica_error(e)) from e
         if isinstance(result, ReplicaError):
             raise as_engine_error(result)
         return result
