@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.errors import InvalidRequestError
 from engine.request import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob
 
 
@@ -41,7 +42,26 @@ class _SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     user: str | None = None
     priority: Literal["interactive", "batch"] = "interactive"
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, description="OpenAI's {'type': 'text'|'json_object'|'json_schema', ...}; also {'type': 'regex', "
+                          "'pattern': ...} and {'type': 'choice', 'choices': [...]}.")
+    guided_regex: str | None = Field(None, description="Extension: output must match this regex.")
+    guided_choice: list[str] | None = Field(None, description="Extension: output is exactly one of these strings.")
+    guided_json: dict[str, Any] | None = Field(None, description="Extension: output is JSON valid against this schema.")
+
+    def structured(self) -> dict[str, Any] | None:
+        """The one constraint this request asks for, in ``response_format`` form."""
+        given = [x for x in (self.response_format, self.guided_regex, self.guided_choice, self.guided_json) if x is not None]
+        if len(given) > 1:
+            raise InvalidRequestError("give at most one of response_format, guided_regex, guided_choice, guided_json",
+                                      param="response_format")
+        if self.guided_regex is not None:
+            return {"type": "regex", "pattern": self.guided_regex}
+        if self.guided_choice is not None:
+            return {"type": "choice", "choices": self.guided_choice}
+        if self.guided_json is not None:
+            return {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": self.guided_json}}
+        return self.response_format
 
     def sampling(self, max_tokens: int | None, default_max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
         fields = {
@@ -70,7 +90,7 @@ class ChatCompletionRequest(_SamplingFields):
             model=self.model, messages=self.messages,
             sampling=self.sampling(self.max_completion_tokens or self.max_tokens, default_max_tokens,
                                    self.logprobs, self.top_logprobs or 0),
-            priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.response_format,
+            priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
         )
 
 
@@ -92,7 +112,7 @@ class CompletionRequest(_SamplingFields):
         return GenerationRequest(
             model=self.model, **prompt,
             sampling=self.sampling(self.max_tokens, default_max_tokens, self.logprobs is not None, self.logprobs or 0),
-            priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.response_format,
+            priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
         )
 
 

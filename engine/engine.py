@@ -18,11 +18,13 @@ from .config import EngineConfig
 from .errors import (
     EngineError, EngineFailureError, InvalidRequestError, ModelNotFoundError, NotReadyError,
 )
+from .grammar import spec_from_response_format
 from .models import LoadedModel
 from .request import ChatMessage, GenerationChunk, GenerationRequest, ImagePart, ModelInfo
 from .sampling import make_processors, make_sampler
 from .scheduler import GpuScheduler, Sequence
 from .streams import StreamRegistry
+from .structured import compiler_for
 
 
 class EngineHealth(BaseModel):
@@ -137,6 +139,9 @@ class Engine:
         if p.logit_bias and max(p.logit_bias) >= m.vocab_size:
             raise InvalidRequestError(f"logit_bias token id {max(p.logit_bias)} is outside the vocabulary", param="logit_bias")
         processors = make_processors(p)
+        spec = spec_from_response_format(request.response_format)
+        if spec is not None:  # compiled here, off the GPU thread: a bad schema is a 400 before queueing
+            processors.append(compiler_for(m.tokenizer, m.vocab_size).compile(spec).make_processor())
         deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
         stream = self._registry.open(request.request_id, stream_loop)
         return Sequence(request=request, prompt=prompt, stream=stream, sampler=make_sampler(p),

@@ -77,7 +77,10 @@ def load_text_model(name: str, source: str, batch_kwargs: dict[str, Any]) -> Loa
 
 
 def warmup(m: LoadedModel) -> None:
-    """One short real generation so the first client does not pay for first-call setup."""
+    """One short real generation, and the grammar tokenizer built, so the first client pays for neither."""
+    from .structured import compiler_for
+
+    compiler_for(m.tokenizer, m.vocab_size)
     uid = m.batch.insert([0, 1], 2, None, [])
     for _ in range(8):
         if any(r.finish_reason for r in m.batch.step() if r.uid == uid):

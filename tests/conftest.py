@@ -59,3 +59,59 @@ def serve_port(ray_cluster) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     return port
+
+
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="session")
+def app_url(serve_port: int, tiny_model_dir: Path) -> str:
+    """The shared Serve apps: ``main`` at / (auth off) and ``secure`` at /secure (auth on)."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    tiny = str(tiny_model_dir)
+    main = {
+        "models": [
+            {"name": "demo", "source": tiny, "num_cpus": 0},
+            {"name": "victim", "source": tiny, "num_cpus": 0},
+            {"name": "narrow", "source": tiny, "num_cpus": 0, "engine": {"max_batch_size": 1, "max_waiting": 0}},
+        ],
+        "limits": {"max_body_bytes": MAX_BODY},
+    }
+    # Auth on; and a deadline so short that every generation passes it (the 504 path).
+    secure = {
+        "models": [{"name": "guarded", "source": tiny, "num_cpus": 0}],
+        "auth": {"api_keys": ["sk-test-key"]},
+        "limits": {"request_timeout_s": 1e-6},
+    }
+    serve.run(build_app(main), name="main", route_prefix="/")
+    serve.run(build_app(secure), name="secure", route_prefix="/secure")
+    return f"http://127.0.0.1:{serve_port}"
+
+
+@pytest.fixture(scope="session")
+def client(app_url: str):
+    import openai
+
+    return openai.OpenAI(base_url=app_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def token_id(app_url: str, text: str, model: str = "demo") -> int:
+    import httpx
+
+    toks = httpx.post(app_url + "/tokenize", json={"model": model, "prompt": text}).json()["tokens"]
+    assert len(toks) == 1, (text, toks)
+    return toks[0]
+
+
+def no_eos(app_url: str, model: str = "demo") -> dict[str, float]:
+    """A logit_bias that keeps the random demo model from ending early."""
+    return {str(token_id(app_url, "<|im_end|>", model)): -100.0}
+
+
+def replica_info(app: str, deployment: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name=app).info.remote().result()

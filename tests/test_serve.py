@@ -15,45 +15,7 @@ import openai
 import pytest
 from ray import serve
 
-MAX_BODY = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def app_url(serve_port: int, tiny_model_dir: Path) -> str:
-    from deployments.app import build_app
-
-    tiny = str(tiny_model_dir)
-    main = {
-        "models": [
-            {"name": "demo", "source": tiny, "num_cpus": 0},
-            {"name": "victim", "source": tiny, "num_cpus": 0},
-            {"name": "narrow", "source": tiny, "num_cpus": 0, "engine": {"max_batch_size": 1, "max_waiting": 0}},
-        ],
-        "limits": {"max_body_bytes": MAX_BODY},
-    }
-    # Auth on; and a deadline so short that every generation passes it (the 504 path).
-    secure = {
-        "models": [{"name": "guarded", "source": tiny, "num_cpus": 0}],
-        "auth": {"api_keys": ["sk-test-key"]},
-        "limits": {"request_timeout_s": 1e-6},
-    }
-    serve.run(build_app(main), name="main", route_prefix="/")
-    serve.run(build_app(secure), name="secure", route_prefix="/secure")
-    return f"http://127.0.0.1:{serve_port}"
-
-
-@pytest.fixture(scope="module")
-def client(app_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=app_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def no_eos(app_url: str, model: str = "demo") -> dict[str, float]:
-    toks = httpx.post(app_url + "/tokenize", json={"model": model, "prompt": "<|im_end|>"}).json()["tokens"]
-    return {str(toks[0]): -100.0}
-
-
-def replica_info(app: str, deployment: str) -> Any:
-    return serve.get_deployment_handle(deployment, app_name=app).info.remote().result()
+from conftest import MAX_BODY, no_eos, replica_info
 
 
 def test_models_list(client: openai.OpenAI) -> None:
