@@ -20,6 +20,7 @@ from .errors import (
 )
 from .grammar import spec_from_response_format
 from .models import LoadedModel
+from .observer import EngineObserver
 from .request import ChatMessage, GenerationChunk, GenerationRequest, ImagePart, ModelInfo
 from .sampling import make_processors, make_sampler
 from .scheduler import GpuScheduler, Sequence
@@ -40,9 +41,9 @@ class EngineHealth(BaseModel):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, observer: EngineObserver | None = None) -> None:
         self.config = config or EngineConfig()
-        self._scheduler = GpuScheduler(self.config)
+        self._scheduler = GpuScheduler(self.config, observer)
         self._registry = StreamRegistry(
             on_close=lambda rid: self._scheduler.post("cancel", rid),
             max_items=self.config.stream_buffer_items,

@@ -27,6 +27,7 @@ from .errors import (
     OverCapacityError,
 )
 from .models import LoadedModel, estimate_bytes, load_text_model, lru_victims, release, warmup
+from .observer import EngineObserver
 from .output import SequenceOutput
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, Sampler
@@ -66,7 +67,7 @@ class _Stop(BaseException):
 
 
 class GpuScheduler:
-    def __init__(self, config: EngineConfig, on_step: Callable[[str, int, float], None] | None = None) -> None:
+    def __init__(self, config: EngineConfig, observer: EngineObserver | None = None) -> None:
         self.config = config
         self.models: dict[str, LoadedModel] = {}
         self.dead: BaseException | None = None
@@ -74,7 +75,7 @@ class GpuScheduler:
         self.cancelled_total = 0  # sequences dropped because their consumer went away
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
-        self._on_step = on_step
+        self.observer = observer or EngineObserver()
         self._thread = threading.Thread(target=self._run, name="mlx-gpu-scheduler", daemon=True)
         self._thread.start()
 
@@ -173,6 +174,7 @@ class GpuScheduler:
         if m is None:
             return
         self.cancelled_total += 1
+        self.observer.on_cancel(m.name)
         if seq.uid is not None:
             m.batch.remove([seq.uid])
             m.running.pop(seq.uid, None)
@@ -185,6 +187,7 @@ class GpuScheduler:
         if seq.uid is not None:
             m.running.pop(seq.uid, None)
         if error is not None:
+            self.observer.on_error(m.name, error.code)
             seq.stream.push(error)
 
     def _expire(self, m: LoadedModel, now: float) -> None:
@@ -199,6 +202,7 @@ class GpuScheduler:
                 dropped.append((seq, DeadlineExceededError("deadline passed during generation")))
             elif seq.stream.closed:
                 self.cancelled_total += 1
+                self.observer.on_cancel(m.name)
                 dropped.append((seq, None))
             elif seq.stream.stalled(stall, now):
                 dropped.append((seq, EngineFailureError(f"consumer read nothing for {stall:.0f}s", code="consumer_stalled")))
@@ -215,6 +219,7 @@ class GpuScheduler:
             seq.output = SequenceOutput(m.tokenizer, p, m.eos_ids)
             seq.uid = m.batch.insert(seq.prompt, p.max_tokens, seq.sampler, seq.processors)
             m.running[seq.uid] = seq
+            self.observer.on_admit(m.name, time.monotonic() - seq.submitted)
             free -= 1
 
     def _step(self, m: LoadedModel) -> None:
@@ -237,8 +242,7 @@ class GpuScheduler:
             if seq is not None:
                 self._deliver(m, seq, r, now)
         m.last_used = now
-        if self._on_step is not None:
-            self._on_step(m.name, len(results), now - t0)
+        self.observer.on_step(m.name, len(results), now - t0, len(m.running), len(m.waiting))
 
     def _deliver(self, m: LoadedModel, seq: Sequence, r: StepResult, now: float) -> None:
         out = seq.output
@@ -247,6 +251,7 @@ class GpuScheduler:
         finish = "stop" if stop_hit or r.finish_reason == "stop" else r.finish_reason
         if seq.first_token_at is None:
             seq.first_token_at = now
+            self.observer.on_first_token(m.name, now - seq.submitted)
         usage = None
         if finish is not None:
             if stop_hit:
@@ -258,6 +263,8 @@ class GpuScheduler:
                 total_tokens=len(seq.prompt) + out.completion_tokens, cached_tokens=0,
             )
             self._finish(m, seq)
+            self.observer.on_finish(m.name, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                                    now - seq.submitted, finish)
         seq.stream.push(GenerationChunk.model_construct(
             request_id=seq.request.request_id, text=text, token_ids=[r.token],
             logprobs=[lp] if lp is not None else None, finish_reason=finish, usage=usage,
@@ -307,10 +314,12 @@ class GpuScheduler:
                 for victim in victims:
                     log.info("unloading %s (least recently used) to make room for %s", victim, name)
                     self.unload(victim)
+        t0 = time.monotonic()
         m = load_text_model(name, source, self._batch_kwargs())
         if self.config.warmup:
             warmup(m)
         self.models[name] = m
+        self.observer.on_load(name, time.monotonic() - t0, m.nbytes)
         return m
 
     def unload(self, name: str) -> bool:
@@ -321,4 +330,5 @@ class GpuScheduler:
         for seq in list(m.waiting) + list(m.running.values()):
             self._finish(m, seq, err)
         release(m)
+        self.observer.on_unload(name)
         return True
