@@ -21,6 +21,8 @@ class StepResult:
     token: int
     logprobs: mx.array
     finish_reason: str | None  # "stop" (EOS) or "length" from mlx-lm
+    cache: list[Any] | None = None  # the finished sequence's KV cache, for the prompt cache
+    all_tokens: list[int] | None = None  # the tokens that cache holds
 
 
 class TextBatch:
@@ -39,18 +41,25 @@ class TextBatch:
         self._live: set[int] = set()
 
     def insert(self, prompt: list[int], max_tokens: int, sampler: Sampler | None,
-               processors: list[LogitsProcessor]) -> int:
+               processors: list[LogitsProcessor], cache: list[Any] | None = None,
+               cached_tokens: list[int] | None = None) -> int:
+        """Queue a sequence; with ``cache`` (KV of ``cached_tokens``) only ``prompt`` is prefilled."""
         (uid,) = self._gen.insert(
-            [prompt], max_tokens=[max_tokens], samplers=[sampler], logits_processors=[processors]
+            [prompt], max_tokens=[max_tokens], samplers=[sampler], logits_processors=[processors],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[list(cached_tokens)] if cached_tokens else None,
         )
         self._live.add(uid)
         return uid
 
-    def remove(self, uids: Sequence[int]) -> None:
+    def remove(self, uids: Sequence[int], keep_caches: bool = False) -> dict[int, tuple[list[Any], list[int]]]:
+        """Drop sequences; with ``keep_caches`` return each one's (KV cache, tokens it holds)."""
         uids = [u for u in uids if u in self._live]
-        if uids:
-            self._gen.remove(uids)
-            self._live.difference_update(uids)
+        if not uids:
+            return {}
+        caches = self._gen.remove(uids, return_prompt_caches=keep_caches)
+        self._live.difference_update(uids)
+        return caches
 
     def step(self) -> list[StepResult]:
         """One scheduling step: a decode step for running sequences and a prefill chunk for new ones."""
@@ -61,7 +70,7 @@ class TextBatch:
                 continue
             if r.finish_reason is not None:
                 self._live.discard(r.uid)
-            out.append(StepResult(r.uid, r.token, r.logprobs, r.finish_reason))
+            out.append(StepResult(r.uid, r.token, r.logprobs, r.finish_reason, r.prompt_cache, r.all_tokens))
         return out
 
     def __len__(self) -> int:

@@ -16,6 +16,8 @@ class EngineConfig(BaseModel):
         None, gt=0, description="Weights of all loaded models; the least recently used idle model is unloaded to fit a new one."
     )
     default_max_tokens: int = Field(512, ge=1)
+    prompt_cache_gb: float = Field(0.5, ge=0.0, description="KV caches of earlier prompts kept for prefix reuse; 0 turns it off.")
+    prompt_cache_entries: int = Field(64, ge=1)
     stream_buffer_items: int = Field(8, ge=1, description="Chunks buffered per stream before coalescing.")
     stall_timeout_s: float = Field(120.0, gt=0, description="A consumer that reads nothing this long is cut off.")
     stuck_after_s: float = Field(120.0, gt=0, description="Health fails when work waits and the GPU thread has not ticked this long.")

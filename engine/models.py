@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from .batch import TextBatch
 from .errors import ModelLoadError
+from .prompt_cache import PromptCache
 from .request import ModelInfo
 
 
@@ -33,6 +34,7 @@ class LoadedModel:
     context_length: int
     eos_ids: set[int]
     batch: TextBatch
+    prompt_cache: PromptCache | None = None
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     waiting: list = field(default_factory=list)  # heap of scheduler.Sequence

@@ -29,6 +29,7 @@ from .errors import (
 from .models import LoadedModel, estimate_bytes, load_text_model, lru_victims, release, warmup
 from .observer import EngineObserver
 from .output import SequenceOutput
+from .prompt_cache import PromptCache
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, Sampler
 from .streams import RequestStream
@@ -54,6 +55,7 @@ class Sequence:
     uid: int | None = None
     output: SequenceOutput | None = None
     first_token_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def __lt__(self, other: Sequence) -> bool:
         return self._key() < other._key()
@@ -217,7 +219,9 @@ class GpuScheduler:
             seq = heapq.heappop(m.waiting)
             p = seq.request.sampling
             seq.output = SequenceOutput(m.tokenizer, p, m.eos_ids)
-            seq.uid = m.batch.insert(seq.prompt, p.max_tokens, seq.sampler, seq.processors)
+            cache, seq.cached_tokens = m.prompt_cache.lookup(seq.prompt) if m.prompt_cache else (None, 0)
+            seq.uid = m.batch.insert(seq.prompt[seq.cached_tokens:], p.max_tokens, seq.sampler, seq.processors,
+                                     cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
             m.running[seq.uid] = seq
             self.observer.on_admit(m.name, time.monotonic() - seq.submitted)
             free -= 1
@@ -255,12 +259,15 @@ class GpuScheduler:
         usage = None
         if finish is not None:
             if stop_hit:
-                m.batch.remove([r.uid])
+                kept = m.batch.remove([r.uid], keep_caches=m.prompt_cache is not None)
+                r.cache, r.all_tokens = kept.get(r.uid, (None, None))
             else:
                 text += out.finish()
+            if m.prompt_cache is not None and r.cache is not None and r.all_tokens:
+                m.prompt_cache.store(r.all_tokens, r.cache)
             usage = Usage.model_construct(
                 prompt_tokens=len(seq.prompt), completion_tokens=out.completion_tokens,
-                total_tokens=len(seq.prompt) + out.completion_tokens, cached_tokens=0,
+                total_tokens=len(seq.prompt) + out.completion_tokens, cached_tokens=seq.cached_tokens,
             )
             self._finish(m, seq)
             self.observer.on_finish(m.name, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
@@ -318,6 +325,8 @@ class GpuScheduler:
         m = load_text_model(name, source, self._batch_kwargs())
         if self.config.warmup:
             warmup(m)
+        if self.config.prompt_cache_gb > 0:
+            m.prompt_cache = PromptCache(int(self.config.prompt_cache_gb * 1e9), self.config.prompt_cache_entries)
         self.models[name] = m
         self.observer.on_load(name, time.monotonic() - t0, m.nbytes)
         return m

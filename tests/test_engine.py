@@ -15,7 +15,7 @@ from engine.engine import Engine
 from engine.errors import (
     DeadlineExceededError, EngineFailureError, InvalidRequestError, ModelNotFoundError, OverCapacityError,
 )
-from engine.request import GenerationChunk
+from engine.request import ChatMessage, GenerationChunk
 
 PROMPTS = [
     "The lighthouse keeper counted the ships",
@@ -382,3 +382,37 @@ def test_lru_unload_under_a_small_memory_budget(tiny_model_dir: Path) -> None:
 
     run(go())
     run(e.shutdown(1))
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt(tiny_model_dir: Path) -> None:
+    system = " ".join(PROMPTS) * 3
+    cached = Engine(EngineConfig(warmup=False, prompt_cache_gb=0.1))
+    plain = Engine(EngineConfig(warmup=False, prompt_cache_gb=0))
+
+    def chat(user: str) -> dict[str, Any]:
+        return {"model": "tiny", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                "sampling": {"max_tokens": 12, "temperature": 0.0}}
+
+    async def go() -> None:
+        for e in (cached, plain):
+            await e.load_model("tiny", str(tiny_model_dir))
+        first = await cached.complete(chat("What is the capital of France?"))
+        assert first.usage.cached_tokens == 0
+        second = await cached.complete(chat("How many days are in a week?"))
+        prompt_len = second.usage.prompt_tokens
+        a, b = (cached.tokenize("tiny", messages=[ChatMessage.model_validate(m) for m in chat(u)["messages"]])
+                for u in ("What is the capital of France?", "How many days are in a week?"))
+        shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert shared > 200  # the long system prompt
+        assert second.usage.cached_tokens == shared  # everything before the second user message came from the cache
+        again = await cached.complete(chat("How many days are in a week?"))
+        assert again.usage.cached_tokens == prompt_len - 1  # exact prompt hit: one token left to prefill
+        for req_out, user in ((second, "How many days are in a week?"), (first, "What is the capital of France?")):
+            reference = await plain.complete(chat(user))
+            assert reference.usage.cached_tokens == 0
+            assert req_out.token_ids == reference.token_ids
+        assert again.token_ids == second.token_ids
+
+    asyncio.run(go())
+    for e in (cached, plain):
+        asyncio.run(e.shutdown(1))
