@@ -48,6 +48,8 @@ class _SamplingFields(BaseModel):
     guided_regex: str | None = Field(None, description="Extension: output must match this regex.")
     guided_choice: list[str] | None = Field(None, description="Extension: output is exactly one of these strings.")
     guided_json: dict[str, Any] | None = Field(None, description="Extension: output is JSON valid against this schema.")
+    num_draft_tokens: int | None = Field(None, ge=0, le=64, description="Extension: speculative draft tokens per step "
+                                                                       "(models with a draft_model; 0 turns it off).")
 
     def structured(self) -> dict[str, Any] | None:
         """The one constraint this request asks for, in ``response_format`` form."""
@@ -91,6 +93,7 @@ class ChatCompletionRequest(_SamplingFields):
             sampling=self.sampling(self.max_completion_tokens or self.max_tokens, default_max_tokens,
                                    self.logprobs, self.top_logprobs or 0),
             priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
+            num_draft_tokens=self.num_draft_tokens,
         )
 
 
@@ -113,6 +116,7 @@ class CompletionRequest(_SamplingFields):
             model=self.model, **prompt,
             sampling=self.sampling(self.max_tokens, default_max_tokens, self.logprobs is not None, self.logprobs or 0),
             priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
+            num_draft_tokens=self.num_draft_tokens,
         )
 
 
@@ -126,6 +130,8 @@ class UsageInfo(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    draft_tokens: int | None = Field(None, description="Extension: tokens proposed by the draft model.")
+    accepted_draft_tokens: int | None = Field(None, description="Extension: draft tokens the model accepted.")
 
     @classmethod
     def of(cls, chunk: GenerationChunk) -> UsageInfo | None:
@@ -133,7 +139,8 @@ class UsageInfo(BaseModel):
         if u is None:
             return None
         return cls(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens),
+                   draft_tokens=u.draft_tokens, accepted_draft_tokens=u.accepted_draft_tokens)
 
 
 class TopLogprobOut(BaseModel):
@@ -280,6 +287,8 @@ class ModelStatus(BaseModel):
     ready: bool
     replicas_healthy: int | None = None
     detail: str = ""
+    replicas_target: int | None = None  # what the config asks for (autoscaling: min_replicas)
+    degraded: bool = False  # serving, with fewer running replicas than replicas_target (a host is down)
 
 
 class ReadyResponse(BaseModel):

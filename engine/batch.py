@@ -38,6 +38,7 @@ class TextBatch:
             prefill_step_size=prefill_step_size,
             stream=mx.new_stream(mx.default_device()),
         )
+        self.stream = self._gen.stream  # the GPU thread's stream, shared with the speculative lane
         self._live: set[int] = set()
 
     def insert(self, prompt: list[int], max_tokens: int, sampler: Sampler | None,

@@ -136,8 +136,12 @@ def _staging_dir(out: Path, force: bool) -> Path | None:
     return tmp
 
 
-def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: bool = False) -> Path:
-    """Write a demo llama to ``out_dir`` (deterministic for a preset) and return the directory."""
+def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: bool = False,
+                    seed: int | None = None) -> Path:
+    """Write a demo llama to ``out_dir`` (deterministic for a preset and seed) and return the directory.
+
+    Another ``seed`` gives other weights with the same tokenizer: a canary variant, or a draft model.
+    """
     p = PRESETS[preset]
     out = Path(out_dir).expanduser().resolve()
     tmp = _staging_dir(out, force)
@@ -163,7 +167,7 @@ def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: boo
     config["eos_token_id"] = tok.token_to_id(EOS_TOKEN)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
-    _write_weights(config, p.seed, tmp / "model.safetensors")
+    _write_weights(config, p.seed if seed is None else seed, tmp / "model.safetensors")
     (tmp / "README.md").write_text(
         f"# mlx-serving demo model ({preset})\n\nA llama with random weights and a byte-level BPE "
         "tokenizer trained on a small shipped corpus. It generates gibberish: it exists to exercise "

@@ -53,20 +53,20 @@ class Engine:
         self._accepting = True
 
     # -- models ---------------------------------------------------------------------------------
-    async def load_model(self, name: str, source: str) -> ModelInfo:
+    async def load_model(self, name: str, source: str, draft_source: str | None = None) -> ModelInfo:
         """Load (and warm up) ``source`` as ``name``; concurrent calls for one name load it once."""
-        m: LoadedModel = await asyncio.wrap_future(self._load_future(name, source))
+        m: LoadedModel = await asyncio.wrap_future(self._load_future(name, source, draft_source))
         return m.info()
 
-    def load_model_blocking(self, name: str, source: str) -> ModelInfo:
+    def load_model_blocking(self, name: str, source: str, draft_source: str | None = None) -> ModelInfo:
         """``load_model`` for synchronous callers (a replica's constructor)."""
-        return self._load_future(name, source).result().info()
+        return self._load_future(name, source, draft_source).result().info()
 
-    def _load_future(self, name: str, source: str) -> Future:
+    def _load_future(self, name: str, source: str, draft_source: str | None) -> Future:
         with self._load_lock:
             fut = self._loading.get(name)
             if fut is None:
-                fut = self._scheduler.call(lambda: self._scheduler.load(name, source))
+                fut = self._scheduler.call(lambda: self._scheduler.load(name, source, draft_source))
                 self._loading[name] = fut
                 fut.add_done_callback(lambda _f: self._forget_load(name, _f))
             return fut
@@ -144,9 +144,16 @@ class Engine:
         if spec is not None:  # compiled here, off the GPU thread: a bad schema is a 400 before queueing
             processors.append(compiler_for(m.tokenizer, m.vocab_size).compile(spec).make_processor())
         deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
+        num_draft = 0
+        if m.draft is not None and spec is None:  # constrained requests stay in the batch
+            wanted = self.config.num_draft_tokens if request.num_draft_tokens is None else request.num_draft_tokens
+            if wanted > self.config.max_draft_tokens:
+                raise InvalidRequestError(f"num_draft_tokens may be at most {self.config.max_draft_tokens}",
+                                          param="num_draft_tokens")
+            num_draft = wanted
         stream = self._registry.open(request.request_id, stream_loop)
         return Sequence(request=request, prompt=prompt, stream=stream, sampler=make_sampler(p),
-                        processors=processors, deadline=deadline)
+                        processors=processors, deadline=deadline, num_draft=num_draft)
 
     async def generate(self, request: GenerationRequest | dict[str, Any]) -> AsyncIterator[GenerationChunk]:
         """Stream a request's output; closing the iterator cancels the generation."""
@@ -185,7 +192,7 @@ class Engine:
         detail = "ok" if alive and not stuck else (f"GPU thread dead: {s.dead!r}" if not alive else f"GPU thread has not ticked for {since:.0f}s")
         return EngineHealth(
             alive=alive, stuck=stuck, healthy=alive and not stuck, detail=detail,
-            models=[m.name for m in models], active=sum(len(m.running) for m in models),
+            models=[m.name for m in models], active=sum(len(m.running) + len(m.speculative) for m in models),
             waiting=sum(len(m.waiting) for m in models), cancelled_total=s.cancelled_total,
             seconds_since_tick=since,
         )

@@ -35,6 +35,8 @@ class LoadedModel:
     eos_ids: set[int]
     batch: TextBatch
     prompt_cache: PromptCache | None = None
+    draft: Any = None  # a small model with the same vocabulary, for speculative decoding
+    speculative: dict[str, Any] = field(default_factory=dict)  # request id -> scheduler.Sequence
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     waiting: list = field(default_factory=list)  # heap of scheduler.Sequence
@@ -42,12 +44,13 @@ class LoadedModel:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.speculative)
 
     def info(self) -> ModelInfo:
         return ModelInfo(
             name=self.name, source=self.source, nbytes=self.nbytes, vocab_size=self.vocab_size,
-            loaded_at=self.loaded_at, active=len(self.running), waiting=len(self.waiting),
+            loaded_at=self.loaded_at, active=len(self.running) + len(self.speculative), waiting=len(self.waiting),
+            draft=self.draft is not None,
         )
 
 
@@ -76,6 +79,19 @@ def load_text_model(name: str, source: str, batch_kwargs: dict[str, Any]) -> Loa
         name=name, source=source, model=model, tokenizer=tokenizer, config=config, nbytes=nbytes,
         vocab_size=vocab_size, context_length=context, eos_ids=eos_ids, batch=batch,
     )
+
+
+def load_draft_model(m: LoadedModel, source: str) -> Any:
+    """The draft must share the target's tokenizer: its tokens are verified by id."""
+    import mlx_lm
+
+    try:
+        draft, tokenizer, config = mlx_lm.load(source, return_config=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"could not load draft model for {m.name!r} from {source!r}: {e}") from e
+    if tokenizer.vocab_size != m.tokenizer.vocab_size or tokenizer.get_vocab() != m.tokenizer.get_vocab():
+        raise ModelLoadError(f"draft model {source!r} does not share the vocabulary of {m.name!r}")
+    return draft
 
 
 def warmup(m: LoadedModel) -> None:

@@ -112,6 +112,8 @@ class GenerationRequest(BaseModel):
     priority: Priority = "interactive"
     timeout_s: float | None = Field(None, gt=0.0)
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    num_draft_tokens: int | None = Field(
+        None, ge=0, le=64, description="Speculative decoding: draft tokens per step (0 turns it off for this request).")
     # Structured output (see engine.structured); kept opaque here so this module stays light.
     response_format: dict[str, Any] | None = None
 
@@ -149,6 +151,8 @@ class Usage(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     cached_tokens: int = 0
+    draft_tokens: int | None = None  # proposed by the draft model (speculative requests only)
+    accepted_draft_tokens: int | None = None
 
 
 class GenerationChunk(BaseModel):
@@ -185,3 +189,4 @@ class ModelInfo(BaseModel):
     loaded_at: float
     active: int = 0
     waiting: int = 0
+    draft: bool = False

@@ -26,10 +26,11 @@ from .errors import (
     DeadlineExceededError, EngineError, EngineFailureError, ModelLoadError, ModelNotFoundError,
     OverCapacityError,
 )
-from .models import LoadedModel, estimate_bytes, load_text_model, lru_victims, release, warmup
+from .models import LoadedModel, estimate_bytes, load_draft_model, load_text_model, lru_victims, release, warmup
 from .observer import EngineObserver
 from .output import SequenceOutput
 from .prompt_cache import PromptCache
+from .speculative import SpeculativeRun
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, Sampler
 from .streams import RequestStream
@@ -56,6 +57,8 @@ class Sequence:
     output: SequenceOutput | None = None
     first_token_at: float | None = None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_draft: int = 0  # > 0: speculative decoding with the model's draft
+    spec: SpeculativeRun | None = None
 
     def __lt__(self, other: Sequence) -> bool:
         return self._key() < other._key()
@@ -180,6 +183,8 @@ class GpuScheduler:
         if seq.uid is not None:
             m.batch.remove([seq.uid])
             m.running.pop(seq.uid, None)
+        elif seq.spec is not None:
+            self._finish(m, seq)
         elif seq in m.waiting:
             m.waiting.remove(seq)
             heapq.heapify(m.waiting)
@@ -188,6 +193,8 @@ class GpuScheduler:
         self._by_request.pop(seq.request.request_id, None)
         if seq.uid is not None:
             m.running.pop(seq.uid, None)
+        if seq.spec is not None and m.speculative.pop(seq.request.request_id, None) is not None:
+            seq.spec.close()
         if error is not None:
             self.observer.on_error(m.name, error.code)
             seq.stream.push(error)
@@ -199,7 +206,7 @@ class GpuScheduler:
             heapq.heapify(m.waiting)
             self._finish(m, seq, DeadlineExceededError("deadline passed while the request waited in the queue"))
         dropped = []
-        for uid, seq in m.running.items():
+        for seq in [*m.running.values(), *m.speculative.values()]:
             if seq.deadline and seq.deadline <= now:
                 dropped.append((seq, DeadlineExceededError("deadline passed during generation")))
             elif seq.stream.closed:
@@ -209,24 +216,43 @@ class GpuScheduler:
             elif seq.stream.stalled(stall, now):
                 dropped.append((seq, EngineFailureError(f"consumer read nothing for {stall:.0f}s", code="consumer_stalled")))
         if dropped:
-            m.batch.remove([s.uid for s, _ in dropped])
+            m.batch.remove([s.uid for s, _ in dropped if s.uid is not None])
             for seq, err in dropped:
                 self._finish(m, seq, err)
 
     def _admit(self, m: LoadedModel) -> None:
+        """Admit in priority order; a request whose lane is full waits without blocking the other lane."""
         free = self.config.max_batch_size - len(m.running)
-        while free > 0 and m.waiting:
+        free_spec = self.config.max_speculative - len(m.speculative) if m.draft is not None else 0
+        deferred = []
+        while (free > 0 or free_spec > 0) and m.waiting:
             seq = heapq.heappop(m.waiting)
+            speculative = seq.num_draft > 0 and m.draft is not None
+            if (free_spec if speculative else free) <= 0:
+                deferred.append(seq)
+                continue
             p = seq.request.sampling
             seq.output = SequenceOutput(m.tokenizer, p, m.eos_ids)
-            cache, seq.cached_tokens = m.prompt_cache.lookup(seq.prompt) if m.prompt_cache else (None, 0)
-            seq.uid = m.batch.insert(seq.prompt[seq.cached_tokens:], p.max_tokens, seq.sampler, seq.processors,
-                                     cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
-            m.running[seq.uid] = seq
+            if speculative:
+                seq.spec = SpeculativeRun(
+                    m.model, m.draft, seq.prompt, max_tokens=p.max_tokens, num_draft=seq.num_draft,
+                    sampler=seq.sampler, processors=seq.processors, stream=m.batch.stream,
+                    prefill_step_size=self.config.prefill_step_size)
+                m.speculative[seq.request.request_id] = seq
+                free_spec -= 1
+            else:
+                cache, seq.cached_tokens = m.prompt_cache.lookup(seq.prompt) if m.prompt_cache else (None, 0)
+                seq.uid = m.batch.insert(seq.prompt[seq.cached_tokens:], p.max_tokens, seq.sampler, seq.processors,
+                                         cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
+                m.running[seq.uid] = seq
+                free -= 1
             self.observer.on_admit(m.name, time.monotonic() - seq.submitted)
-            free -= 1
+        for seq in deferred:
+            heapq.heappush(m.waiting, seq)
 
     def _step(self, m: LoadedModel) -> None:
+        if m.speculative:
+            self._speculate(m)
         if not m.running:
             return
         t0 = time.monotonic()
@@ -248,7 +274,29 @@ class GpuScheduler:
         m.last_used = now
         self.observer.on_step(m.name, len(results), now - t0, len(m.running), len(m.waiting))
 
-    def _deliver(self, m: LoadedModel, seq: Sequence, r: StepResult, now: float) -> None:
+    def _speculate(self, m: LoadedModel) -> None:
+        """One draft-and-verify round for every speculative sequence of ``m``."""
+        for seq in list(m.speculative.values()):
+            run = seq.spec
+            assert run is not None
+            try:
+                tokens = run.round()
+            except Exception as e:  # noqa: BLE001 - fail this request only
+                log.exception("speculative round failed for model %s", m.name)
+                self._finish(m, seq, EngineFailureError(f"speculative decoding failed: {e}"))
+                continue
+            now = time.monotonic()
+            if not tokens:
+                self._finish(m, seq, EngineFailureError("speculative decoding ended before max_tokens"))
+            for i, (token, logprobs) in enumerate(tokens):
+                last = i == len(tokens) - 1 and run.generated >= run.max_tokens
+                reason = "stop" if token in m.eos_ids else ("length" if last else None)
+                if self._deliver(m, seq, StepResult(-1, token, logprobs, reason), now):
+                    break
+        m.last_used = time.monotonic()
+
+    def _deliver(self, m: LoadedModel, seq: Sequence, r: StepResult, now: float) -> bool:
+        """Emit one token of ``seq``; True when that token finished it."""
         out = seq.output
         assert out is not None
         text, lp, stop_hit = out.add(r.token, r.logprobs)
@@ -258,7 +306,7 @@ class GpuScheduler:
             self.observer.on_first_token(m.name, now - seq.submitted)
         usage = None
         if finish is not None:
-            if stop_hit:
+            if stop_hit and seq.uid is not None:
                 kept = m.batch.remove([r.uid], keep_caches=m.prompt_cache is not None)
                 r.cache, r.all_tokens = kept.get(r.uid, (None, None))
             else:
@@ -268,7 +316,11 @@ class GpuScheduler:
             usage = Usage.model_construct(
                 prompt_tokens=len(seq.prompt), completion_tokens=out.completion_tokens,
                 total_tokens=len(seq.prompt) + out.completion_tokens, cached_tokens=seq.cached_tokens,
+                draft_tokens=seq.spec.proposed if seq.spec else None,
+                accepted_draft_tokens=seq.spec.accepted if seq.spec else None,
             )
+            if seq.spec is not None:
+                self.observer.on_speculative(m.name, seq.spec.proposed, seq.spec.accepted)
             self._finish(m, seq)
             self.observer.on_finish(m.name, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                                     now - seq.submitted, finish)
@@ -276,13 +328,15 @@ class GpuScheduler:
             request_id=seq.request.request_id, text=text, token_ids=[r.token],
             logprobs=[lp] if lp is not None else None, finish_reason=finish, usage=usage,
         ))
+        return finish is not None
 
     def _fail_all(self, err: EngineError) -> None:
         for m in self.models.values():
-            for seq in list(m.waiting) + list(m.running.values()):
+            for seq in [*m.waiting, *m.running.values(), *m.speculative.values()]:
                 seq.stream.push(err)
             m.waiting.clear()
             m.running.clear()
+            m.speculative.clear()
         self._by_request.clear()
         while True:
             try:
@@ -304,7 +358,7 @@ class GpuScheduler:
         return {"max_batch_size": c.max_batch_size, "prefill_batch_size": c.prefill_batch_size,
                 "prefill_step_size": c.prefill_step_size}
 
-    def load(self, name: str, source: str) -> LoadedModel:
+    def load(self, name: str, source: str, draft_source: str | None = None) -> LoadedModel:
         if name in self.models:
             return self.models[name]
         budget = self.config.memory_budget_bytes
@@ -323,6 +377,8 @@ class GpuScheduler:
                     self.unload(victim)
         t0 = time.monotonic()
         m = load_text_model(name, source, self._batch_kwargs())
+        if draft_source is not None:
+            m.draft = load_draft_model(m, draft_source)
         if self.config.warmup:
             warmup(m)
         if self.config.prompt_cache_gb > 0:
@@ -336,7 +392,7 @@ class GpuScheduler:
         if m is None:
             return False
         err = ModelNotFoundError(f"model {name!r} was unloaded", param="model")
-        for seq in list(m.waiting) + list(m.running.values()):
+        for seq in [*m.waiting, *m.running.values(), *m.speculative.values()]:
             self._finish(m, seq, err)
         release(m)
         self.observer.on_unload(name)

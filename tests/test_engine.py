@@ -416,3 +416,49 @@ def test_prefix_cache_reuses_a_shared_system_prompt(tiny_model_dir: Path) -> Non
     asyncio.run(go())
     for e in (cached, plain):
         asyncio.run(e.shutdown(1))
+
+
+def test_draft_model_greedy_output_is_identical_and_acceptance_is_reported(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from engine.demo import make_demo_model
+
+    other_seed_dir = make_demo_model(tmp_path / "draft", "tiny", seed=7)
+    # The draft is the same tiny model: every draft token is accepted, and output must not change.
+    spec = Engine(EngineConfig(warmup=False, num_draft_tokens=3, prompt_cache_gb=0))
+    plain = Engine(EngineConfig(warmup=False, prompt_cache_gb=0))
+
+    async def go() -> None:
+        await spec.load_model("tiny", str(tiny_model_dir), draft_source=str(tiny_model_dir))
+        await plain.load_model("tiny", str(tiny_model_dir))
+        bias = {next(iter(plain._model("tiny").eos_ids)): -100.0}
+        for i, prompt in enumerate(PROMPTS[:4]):
+            a = await spec.complete(req("tiny", prompt, 20 + i, logit_bias=bias))
+            b = await plain.complete(req("tiny", prompt, 20 + i, logit_bias=bias))
+            assert a.token_ids == b.token_ids and a.text == b.text
+            assert a.finish_reason == b.finish_reason == "length"
+            assert a.usage.completion_tokens == 20 + i
+            assert a.usage.draft_tokens and a.usage.accepted_draft_tokens == a.usage.draft_tokens
+            assert b.usage.draft_tokens is None
+        # speculative and batched requests together: both lanes make progress and stay correct
+        off = req("tiny", PROMPTS[5], 16)
+        off["num_draft_tokens"] = 0
+        mixed = await asyncio.gather(spec.complete(req("tiny", PROMPTS[4], 16)), spec.complete(off))
+        solo = [await plain.complete(req("tiny", PROMPTS[4], 16)), await plain.complete(req("tiny", PROMPTS[5], 16))]
+        assert [x.token_ids for x in mixed] == [x.token_ids for x in solo]
+        assert mixed[0].usage.draft_tokens and mixed[1].usage.draft_tokens is None
+        # a draft with other weights: drafts get rejected, and greedy output still must not change
+        other = Engine(EngineConfig(warmup=False, num_draft_tokens=4, prompt_cache_gb=0))
+        await other.load_model("tiny", str(tiny_model_dir), draft_source=str(other_seed_dir))
+        for prompt in PROMPTS[:3]:
+            a = await other.complete(req("tiny", prompt, 24, logit_bias=bias))
+            b = await plain.complete(req("tiny", prompt, 24, logit_bias=bias))
+            assert a.token_ids == b.token_ids
+            assert a.usage.accepted_draft_tokens < a.usage.draft_tokens
+        await other.shutdown(1)
+        with pytest.raises(InvalidRequestError):
+            too_many = req("tiny", "x", 4)
+            too_many["num_draft_tokens"] = 50
+            await spec.complete(too_many)
+
+    asyncio.run(go())
+    for e in (spec, plain):
+        asyncio.run(e.shutdown(1))
