@@ -39,6 +39,7 @@ class DemoPreset(BaseModel):
     num_key_value_heads: int
     vocab_size: int
     seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 PRESETS: dict[str, DemoPreset] = {
@@ -52,9 +53,14 @@ PRESETS: dict[str, DemoPreset] = {
         hidden_size=768, num_hidden_layers=14, intermediate_size=2048,
         num_attention_heads=12, num_key_value_heads=4, vocab_size=8192,
     ),
+    # Llama-3.2-1B's shape (1.24B parameters, bf16, 2.47 GB): the GPU benchmarks' model.
+    "llama-1b": DemoPreset(
+        hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, dtype="bfloat16",
+    ),
 }
 
-PresetName = Literal["tiny", "bench"]
+PresetName = Literal["tiny", "bench", "llama-1b"]
 
 
 def corpus_text() -> str:
@@ -103,11 +109,11 @@ def _model_config(p: DemoPreset) -> dict:
         "rope_theta": 10000.0,
         "max_position_embeddings": 4096,
         "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        "torch_dtype": p.dtype,
     }
 
 
-def _write_weights(config: dict, seed: int, path: Path) -> None:
+def _write_weights(config: dict, seed: int, path: Path, dtype: str = "float32") -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -116,7 +122,7 @@ def _write_weights(config: dict, seed: int, path: Path) -> None:
     model = llama.Model(llama.ModelArgs.from_dict(config))
     # Wider logits than the default init so greedy choices are decisive rather than near-ties.
     model.lm_head.weight = model.lm_head.weight * 8.0
-    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
 
 
@@ -167,7 +173,7 @@ def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: boo
     config["eos_token_id"] = tok.token_to_id(EOS_TOKEN)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
-    _write_weights(config, p.seed if seed is None else seed, tmp / "model.safetensors")
+    _write_weights(config, p.seed if seed is None else seed, tmp / "model.safetensors", p.dtype)
     (tmp / "README.md").write_text(
         f"# mlx-serving demo model ({preset})\n\nA llama with random weights and a byte-level BPE "
         "tokenizer trained on a small shipped corpus. It generates gibberish: it exists to exercise "

@@ -18,14 +18,12 @@ from .config import EngineConfig
 from .errors import (
     EngineError, EngineFailureError, InvalidRequestError, ModelNotFoundError, NotReadyError,
 )
-from .grammar import spec_from_response_format
 from .models import LoadedModel
 from .observer import EngineObserver
 from .request import ChatMessage, GenerationChunk, GenerationRequest, ImagePart, ModelInfo
 from .sampling import make_processors, make_sampler
 from .scheduler import GpuScheduler, Sequence
 from .streams import StreamRegistry
-from .structured import compiler_for
 
 
 class EngineHealth(BaseModel):
@@ -140,8 +138,13 @@ class Engine:
         if p.logit_bias and max(p.logit_bias) >= m.vocab_size:
             raise InvalidRequestError(f"logit_bias token id {max(p.logit_bias)} is outside the vocabulary", param="logit_bias")
         processors = make_processors(p)
-        spec = spec_from_response_format(request.response_format)
-        if spec is not None:  # compiled here, off the GPU thread: a bad schema is a 400 before queueing
+        spec = None
+        if request.response_format is not None:  # compiled here, off the GPU thread: a bad schema is a 400 now
+            from .grammar import spec_from_response_format
+            from .structured import compiler_for
+
+            spec = spec_from_response_format(request.response_format)
+        if spec is not None:
             processors.append(compiler_for(m.tokenizer, m.vocab_size).compile(spec).make_processor())
         deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
         num_draft = 0
