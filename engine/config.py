@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .images import ImagePolicy
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -25,6 +27,7 @@ class EngineConfig(BaseModel):
     stall_timeout_s: float = Field(120.0, gt=0, description="A consumer that reads nothing this long is cut off.")
     stuck_after_s: float = Field(120.0, gt=0, description="Health fails when work waits and the GPU thread has not ticked this long.")
     warmup: bool = True
+    images: ImagePolicy = Field(default_factory=ImagePolicy, description="Limits and sources for image inputs.")
 
     @property
     def memory_budget_bytes(self) -> int | None:

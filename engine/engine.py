@@ -24,6 +24,7 @@ from .request import ChatMessage, GenerationChunk, GenerationRequest, ImagePart,
 from .sampling import make_processors, make_sampler
 from .scheduler import GpuScheduler, Sequence
 from .streams import StreamRegistry
+from .vision import prepare_vision_inputs
 
 
 class EngineHealth(BaseModel):
@@ -91,6 +92,9 @@ class Engine:
                  add_generation_prompt: bool = True) -> list[int]:
         m = self._model(model)
         if messages is not None:
+            if m.kind == "vision":
+                return list(prepare_vision_inputs(m.processor, m.model.config, messages, self.config.images,
+                                                  add_generation_prompt=add_generation_prompt).input_ids)
             return self._render_chat(m, messages, add_generation_prompt)
         return list(m.tokenizer.encode(text or ""))
 
@@ -121,7 +125,11 @@ class Engine:
             raise EngineFailureError(f"engine is dead: {self._scheduler.dead!r}")
         m = self._model(request.model)
         p = request.sampling
-        if request.messages is not None:
+        vision = None
+        if request.messages is not None and m.kind == "vision":
+            vision = prepare_vision_inputs(m.processor, m.model.config, request.messages, self.config.images)
+            prompt = list(vision.input_ids)
+        elif request.messages is not None:
             prompt = self._render_chat(m, request.messages, True)
         elif request.prompt is not None:
             prompt = list(m.tokenizer.encode(request.prompt))
@@ -156,7 +164,7 @@ class Engine:
             num_draft = wanted
         stream = self._registry.open(request.request_id, stream_loop)
         return Sequence(request=request, prompt=prompt, stream=stream, sampler=make_sampler(p),
-                        processors=processors, deadline=deadline, num_draft=num_draft)
+                        processors=processors, deadline=deadline, num_draft=num_draft, vision=vision)
 
     async def generate(self, request: GenerationRequest | dict[str, Any]) -> AsyncIterator[GenerationChunk]:
         """Stream a request's output; closing the iterator cancels the generation."""

@@ -12,7 +12,7 @@ import heapq
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -36,6 +36,8 @@ class LoadedModel:
     eos_ids: set[int]
     batch: TextBatch
     prompt_cache: PromptCache | None = None
+    kind: Literal["text", "vision"] = "text"
+    processor: Any = None  # vision models: the mlx-vlm processor (chat template, image preprocessing)
     draft: Any = None  # a small model with the same vocabulary, for speculative decoding
     speculative: dict[str, Any] = field(default_factory=dict)  # request id -> scheduler.Sequence
     loaded_at: float = field(default_factory=time.time)
@@ -47,12 +49,31 @@ class LoadedModel:
     def busy(self) -> bool:
         return bool(self.waiting or self.running or self.speculative)
 
+    def new_batch(self, batch_kwargs: dict[str, Any]) -> Any:
+        """A fresh, empty batch of the right kind (after a failed step threw the old one away)."""
+        if self.kind == "vision":
+            from .vision import VisionBatch
+
+            return VisionBatch(self.model, self.processor, sorted(self.eos_ids), **batch_kwargs)
+        return TextBatch(self.model, sorted(self.eos_ids), **batch_kwargs)
+
     def info(self) -> ModelInfo:
         return ModelInfo(
-            name=self.name, source=self.source, nbytes=self.nbytes, vocab_size=self.vocab_size,
+            name=self.name, source=self.source, kind=self.kind, nbytes=self.nbytes, vocab_size=self.vocab_size,
             loaded_at=self.loaded_at, active=len(self.running) + len(self.speculative), waiting=len(self.waiting),
             draft=self.draft is not None,
         )
+
+
+def detect_kind(source: str) -> Literal["text", "vision"]:
+    """A checkpoint with a ``vision_config`` is served through mlx-vlm; anything else through mlx-lm."""
+    import json
+
+    config = Path(source).expanduser() / "config.json"
+    try:
+        return "vision" if "vision_config" in json.loads(config.read_text()) else "text"
+    except (OSError, ValueError):
+        return "text"
 
 
 def estimate_bytes(source: str) -> int | None:

@@ -20,17 +20,20 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .batch import StepResult, TextBatch
+from .batch import StepResult
 from .config import EngineConfig
 from .errors import (
     DeadlineExceededError, EngineError, EngineFailureError, ModelLoadError, ModelNotFoundError,
     OverCapacityError,
 )
-from .models import LoadedModel, estimate_bytes, load_draft_model, load_text_model, lru_victims, release, warmup
+from .models import (
+    LoadedModel, detect_kind, estimate_bytes, load_draft_model, load_text_model, lru_victims, release, warmup,
+)
 from .observer import EngineObserver
 from .output import SequenceOutput
 from .prompt_cache import PromptCache
 from .speculative import SpeculativeRun
+from .vision import VisionInputs, load_vision_model, warmup_vision
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, Sampler
 from .streams import RequestStream
@@ -59,6 +62,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_draft: int = 0  # > 0: speculative decoding with the model's draft
     spec: SpeculativeRun | None = None
+    vision: VisionInputs | None = None  # images and rendered prompt, for vision models
 
     def __lt__(self, other: Sequence) -> bool:
         return self._key() < other._key()
@@ -242,8 +246,15 @@ class GpuScheduler:
                 free_spec -= 1
             else:
                 cache, seq.cached_tokens = m.prompt_cache.lookup(seq.prompt) if m.prompt_cache else (None, 0)
-                seq.uid = m.batch.insert(seq.prompt[seq.cached_tokens:], p.max_tokens, seq.sampler, seq.processors,
-                                         cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
+                prompt = seq.vision if seq.vision is not None else seq.prompt[seq.cached_tokens:]
+                try:  # a vision model runs its vision tower here: a failure fails this request only
+                    seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors,
+                                             cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
+                except Exception as e:  # noqa: BLE001
+                    log.exception("admitting a request to %s failed", m.name)
+                    self._finish(m, seq, EngineFailureError(f"could not start generation: {e}"))
+                    continue
+                seq.vision = None  # the batch holds what it needs; drop the decoded images
                 m.running[seq.uid] = seq
                 free -= 1
             self.observer.on_admit(m.name, time.monotonic() - seq.submitted)
@@ -264,7 +275,7 @@ class GpuScheduler:
             for seq in list(m.running.values()):
                 self._finish(m, seq, err)
             m.batch.close()
-            m.batch = TextBatch(m.model, sorted(m.eos_ids), **self._batch_kwargs())
+            m.batch = m.new_batch(self._batch_kwargs())
             return
         now = time.monotonic()
         for r in results:
@@ -359,6 +370,7 @@ class GpuScheduler:
                 "prefill_step_size": c.prefill_step_size}
 
     def load(self, name: str, source: str, draft_source: str | None = None) -> LoadedModel:
+        """Load ``source`` (mlx-lm, or mlx-vlm when it has a vision config), evicting idle models to fit."""
         if name in self.models:
             return self.models[name]
         budget = self.config.memory_budget_bytes
@@ -376,12 +388,17 @@ class GpuScheduler:
                     log.info("unloading %s (least recently used) to make room for %s", victim, name)
                     self.unload(victim)
         t0 = time.monotonic()
-        m = load_text_model(name, source, self._batch_kwargs())
+        if detect_kind(source) == "vision":
+            m = load_vision_model(name, source, self._batch_kwargs())
+            if self.config.warmup:
+                warmup_vision(m, self.config.images)
+        else:
+            m = load_text_model(name, source, self._batch_kwargs())
         if draft_source is not None:
             m.draft = load_draft_model(m, draft_source)
         if self.config.warmup:
             warmup(m)
-        if self.config.prompt_cache_gb > 0:
+        if self.config.prompt_cache_gb > 0 and m.kind == "text":
             m.prompt_cache = PromptCache(int(self.config.prompt_cache_gb * 1e9), self.config.prompt_cache_entries)
         self.models[name] = m
         self.observer.on_load(name, time.monotonic() - t0, m.nbytes)

@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
+def vision_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.demo_vision import make_demo_vision_model
+
+    return make_demo_vision_model(tmp_path_factory.mktemp("models") / "vision")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.demo import make_demo_model
 
@@ -65,7 +72,7 @@ MAX_BODY = 64 * 1024
 
 
 @pytest.fixture(scope="session")
-def app_url(serve_port: int, tiny_model_dir: Path) -> str:
+def app_url(serve_port: int, tiny_model_dir: Path, vision_model_dir: Path) -> str:
     """The shared Serve apps: ``main`` at / (auth off) and ``secure`` at /secure (auth on)."""
     from ray import serve
 
@@ -77,6 +84,7 @@ def app_url(serve_port: int, tiny_model_dir: Path) -> str:
             {"name": "demo", "source": tiny, "num_cpus": 0},
             {"name": "victim", "source": tiny, "num_cpus": 0},
             {"name": "narrow", "source": tiny, "num_cpus": 0, "engine": {"max_batch_size": 1, "max_waiting": 0}},
+            {"name": "vision", "source": str(vision_model_dir), "num_cpus": 0},
         ],
         "limits": {"max_body_bytes": MAX_BODY},
     }

@@ -29,8 +29,8 @@ from engine.demo_vision import VISION_SPECIAL_TOKENS, DemoVisionPreset, make_dem
 
 
 @pytest.fixture(scope="session")
-def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_demo_vision_model(tmp_path_factory.mktemp("demo-vision") / "model")
+def vision_dir(vision_model_dir: Path) -> Path:
+    return vision_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,13 @@ from conftest import MAX_BODY, no_eos, replica_info
 
 
 def test_models_list(client: openai.OpenAI) -> None:
-    assert sorted(m.id for m in client.models.list()) == ["demo", "narrow", "victim"]
+    assert sorted(m.id for m in client.models.list()) == ["demo", "narrow", "victim", "vision"]
 
 
 def test_health_and_ready(app_url: str) -> None:
     assert httpx.get(app_url + "/health").json() == {"status": "ok"}
     ready = httpx.get(app_url + "/ready").json()
-    assert ready["ready"] is True and {m["name"] for m in ready["models"]} == {"demo", "victim", "narrow"}
+    assert ready["ready"] is True and {m["name"] for m in ready["models"]} == {"demo", "victim", "narrow", "vision"}
 
 
 def test_chat_non_streaming_with_usage(client: openai.OpenAI, app_url: str) -> None:
