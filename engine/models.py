@@ -61,7 +61,7 @@ class LoadedModel:
         return ModelInfo(
             name=self.name, source=self.source, kind=self.kind, nbytes=self.nbytes, vocab_size=self.vocab_size,
             loaded_at=self.loaded_at, active=len(self.running) + len(self.speculative), waiting=len(self.waiting),
-            draft=self.draft is not None,
+            draft=self.draft is not None, prompt_cache_bytes=self.prompt_cache.nbytes if self.prompt_cache else 0,
         )
 
 

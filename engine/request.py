@@ -190,3 +190,4 @@ class ModelInfo(BaseModel):
     active: int = 0
     waiting: int = 0
     draft: bool = False
+    prompt_cache_bytes: int = 0

@@ -334,7 +334,7 @@ class GpuScheduler:
                 self.observer.on_speculative(m.name, seq.spec.proposed, seq.spec.accepted)
             self._finish(m, seq)
             self.observer.on_finish(m.name, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                                    now - seq.submitted, finish)
+                                    now - seq.submitted, finish, ttft_s=seq.first_token_at - seq.submitted)
         seq.stream.push(GenerationChunk.model_construct(
             request_id=seq.request.request_id, text=text, token_ids=[r.token],
             logprobs=[lp] if lp is not None else None, finish_reason=finish, usage=usage,
