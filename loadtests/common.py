@@ -1,0 +1,240 @@
+"""Helpers shared by the benchmarks (engine in-process now, HTTP later).
+
+Kept free of MLX imports at module level: ``reexec_with_openblas`` must run before MLX loads its
+BLAS, because ``LD_PRELOAD`` is only read when a process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+_REEXEC_MARK = "MLX_SERVING_BENCH_REEXEC"
+
+
+# -- BLAS ------------------------------------------------------------------------------------------
+def reexec_with_openblas(disabled: bool = False) -> None:
+    """On Linux with MLX's reference BLAS, restart this process with OpenBLAS preloaded.
+
+    Does nothing when ``disabled``, when not needed (macOS, CUDA, already preloaded), when OpenBLAS
+    is not installed, or when this process is already the re-executed one.
+    """
+    if disabled:
+        os.environ["MLX_SERVING_NO_OPENBLAS"] = "1"  # so children (and blas.preload_env) agree
+        return
+    if os.environ.get(_REEXEC_MARK):
+        return
+    from engine.blas import preload_env
+
+    extra = preload_env()
+    if not extra:
+        return
+    env = dict(os.environ, **extra, **{_REEXEC_MARK: "1"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def blas_description() -> str:
+    from engine.blas import describe
+
+    return describe()
+
+
+# -- models ----------------------------------------------------------------------------------------
+def default_model_dir(preset: str = "bench") -> Path:
+    from engine.sources import demo_dir
+
+    return demo_dir(f"demo:{preset}")
+
+
+def ensure_model(model: str | None, model_dir: str | Path | None, preset: str = "bench") -> Path:
+    """A loadable model directory: ``model`` as given, or the ``preset`` demo model built into
+    ``model_dir`` (default: the engine's demo cache) on first use."""
+    if model:
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise SystemExit(f"--model {model}: no such directory")
+        return path.resolve()
+    target = Path(model_dir).expanduser() if model_dir else default_model_dir(preset)
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target.resolve()
+    t0 = time.monotonic()
+    print(f"building demo model {preset!r} into {target} ...", flush=True)
+    if target.resolve() == default_model_dir(preset).resolve():
+        from engine.sources import resolve
+
+        out = Path(resolve(f"demo:{preset}"))  # locked: other processes may build it too
+    else:
+        from engine.demo import make_demo_model
+
+        out = make_demo_model(target, preset)  # type: ignore[arg-type]
+    print(f"built in {time.monotonic() - t0:.1f}s", flush=True)
+    return out.resolve()
+
+
+def model_description(model: Any, path: Path) -> dict[str, Any]:
+    """Name, parameter count and dtype(s) of a loaded mlx-lm model."""
+    from mlx.utils import tree_flatten
+
+    params = tree_flatten(model.parameters())
+    dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for _, v in params})
+    cfg: dict[str, Any] = {}
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return {
+        "name": path.name,
+        "path": str(path),
+        "model_type": cfg.get("model_type"),
+        "params": int(sum(v.size for _, v in params)),
+        "bytes": int(sum(v.nbytes for _, v in params)),
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+        "vocab_size": cfg.get("vocab_size"),
+    }
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+def corpus_sentences() -> list[str]:
+    from engine.demo import corpus_text
+
+    text = corpus_text()
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
+# sentences per prompt, cycled: short, medium and long prompts interleave.
+_PROMPT_SPANS = (1, 3, 6, 2, 10, 4, 1, 8)
+
+
+def make_prompts(n: int, start: int = 0, numbered: bool = True) -> list[str]:
+    """``n`` distinct text prompts of mixed lengths (1 to 10 corpus sentences), deterministic.
+
+    Prompt ``i`` of one call is global prompt ``start + i``, so disjoint ranges give disjoint
+    prompts. ``numbered`` opens each with its own number ("Request 17: ..."): prompts then share at
+    most a token or two of prefix, so a prefix (prompt) cache finds nothing worth reusing and every
+    request pays its full prefill, as it does on a server without one.
+    """
+    sentences = corpus_sentences()
+    out: list[str] = []
+    for i in range(start, start + n):
+        span = _PROMPT_SPANS[i % len(_PROMPT_SPANS)]
+        first = (i * 7) % len(sentences)
+        text = " ".join((sentences * 2)[first:first + span])
+        out.append(f"Request {i}: {text}" if numbered else text)
+    if not numbered and len(set(out)) < len(out):
+        raise ValueError(f"only {len(set(out))} distinct unnumbered prompts; use numbered=True")
+    return out
+
+
+# -- statistics and output -------------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], file=None) -> str:
+    """A plain aligned text table (first column left-aligned, the rest right-aligned)."""
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    out = "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])])
+    print(out, file=file or sys.stdout, flush=True)
+    return out
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(p)
+    return p
+
+
+# -- machine ---------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip() or platform.processor()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    cores = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = cores
+    mem = None
+    try:
+        import psutil
+
+        mem = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    mlx_device = None
+    try:
+        import mlx.core as mx
+
+        mlx_device = str(mx.default_device())
+    except Exception:  # noqa: BLE001 - descriptive only
+        pass
+    return {
+        "cpu": _cpu_model(),
+        "cores": cores,
+        "usable_cores": usable,
+        "memory_gib": mem,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": _version("mlx"),
+        "mlx_lm": _version("mlx-lm"),
+        "mlx_device": mlx_device,
+        "blas": blas_description(),
+        "ld_preload": os.environ.get("LD_PRELOAD") or None,
+        "hostname": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
