@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.demo import PRESETS
 
-from . import local, serve_config
+from . import fleet_cli, local, nodes, serve_config
 
 
 def _cmd_make_demo(args: argparse.Namespace) -> int:
@@ -43,8 +43,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    path = Path(args.config) if args.config else serve_config.DEFAULT_CONFIG
-    config = serve_config.load(path)
+    if args.inventory:  # a fleet inventory: plan it, pin every model's replicas to the planned hosts
+        if args.config:
+            print("give --config or --inventory, not both", file=sys.stderr)
+            return 1
+        path = Path(args.inventory)
+        try:
+            _, fleet_plan, config = fleet_cli.config_from_inventory(path)
+        except fleet_cli.plan_errors() as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        print(fleet_plan.as_table())
+    else:
+        path = Path(args.config) if args.config else serve_config.DEFAULT_CONFIG
+        config = serve_config.load(path)
     found = serve_config.problems(config)
     if found:
         print(f"{path} is not valid:", *(f"  - {p}" for p in found), sep="\n", file=sys.stderr)
@@ -60,8 +72,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     previous = local.read_state()
     started_head = False
+    cluster = None if args.address else fleet_cli.live_state()
     if args.address:
         address, dashboard = args.address, args.dashboard
+    elif cluster is not None:  # nodes started by `mlx-serving cluster up`: its address, never "auto"
+        address, dashboard = cluster.address, cluster.dashboard_url
+        print(f"using the Ray cluster started by `mlx-serving cluster up` ({address}, hosts "
+              f"{', '.join(n.host for n in cluster.nodes)})")
+        if cluster.mode == "simulate" and config.get("proxy_location") != "HeadOnly":
+            config["proxy_location"] = "HeadOnly"  # simulated hosts share this machine's HTTP port
+            print("proxy_location: HeadOnly (simulated hosts share this machine)")
+        fleet_cli.warn_missing_hosts(address, config)
+        previous = None
     elif local.cluster_running("auto"):
         address, dashboard = "auto", args.dashboard
         print("using the Ray cluster already running on this machine")
@@ -81,7 +103,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 print(f"demo model {m['source']} at {sources.resolve(m['source'])}")
 
     print(f"deploying {path} ...", flush=True)
-    local.deploy(dashboard, config)
+    local.deploy(dashboard, serve_config.for_deploy(config))  # routes into the router's user_config: edits apply live
     app_names = [a.get("name", "default") for a in config["applications"]]
     local.write_state(local.UpState(started_head=started_head, address=address, dashboard_url=dashboard,
                                     app_names=app_names, http_url=http_url))
@@ -121,7 +143,10 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     state = local.read_state()
+    cluster = fleet_cli.live_state()
     dashboard = args.dashboard if args.dashboard != _DEFAULT_DASHBOARD or state is None else state.dashboard_url
+    if args.dashboard == _DEFAULT_DASHBOARD and state is None and cluster is not None:
+        dashboard = cluster.dashboard_url
     try:
         details = local.serve_details(dashboard)
     except Exception as e:  # noqa: BLE001 - no cluster, no dashboard
@@ -129,7 +154,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 1
     import ray
 
-    ray.init(address=args.address or (state.address if state else "auto"), logging_level="ERROR")
+    ray.init(address=args.address or (state.address if state else cluster.address if cluster else "auto"),
+             logging_level="ERROR")
     hosts = {n["NodeID"]: (n.get("Labels") or {}).get("host", n.get("NodeManagerAddress")) for n in ray.nodes() if n.get("Alive")}
     print("hosts:")
     for node, host in sorted(hosts.items(), key=lambda kv: str(kv[1])):
@@ -145,17 +171,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
         ready = body if isinstance(body, dict) else {}
         print(f"ready: {ready.get('ready', False)} ({state.http_url})")
         for m in ready.get("models", []):
-            print(f"  model {m['name']}: {'ready' if m['ready'] else 'NOT ready'} ({m.get('detail', '')})")
+            flag = "NOT ready" if not m["ready"] else "DEGRADED" if m.get("degraded") else "ready"
+            print(f"  model {m['name']}: {flag} ({m.get('detail', '')})")
+    inventory = args.inventory or (cluster.inventory if cluster is not None else None)
+    if inventory:
+        running: dict[str, list[str]] = {}
+        for app in (details.get("applications") or {}).values():
+            for dep_name, dep in (app.get("deployments") or {}).items():
+                for r in dep.get("replicas", []):
+                    host = hosts.get(r.get("node_id"))
+                    if host is not None and r.get("state") in ("RUNNING", "STARTING", "UPDATING"):
+                        tag = "" if r.get("state") == "RUNNING" else f" ({r.get('state').lower()})"
+                        running.setdefault(host, []).append(dep_name.removeprefix("model-") + tag)
+        return fleet_cli.print_memory_plan(inventory, {h: n for n, h in hosts.items()}, running)
     return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .inventory import FleetError, load_fleet
-    from .placement import FootprintError, PlacementError, plan
-
+    if args.emit_config:
+        return fleet_cli.emit_config(args.file, args.emit_config, failover=not args.no_failover)
     try:
-        print(plan(load_fleet(args.file)).as_table())
-    except (FleetError, PlacementError, FootprintError) as e:
+        print(fleet_cli.load_plan(args.file)[1].as_table())  # demo:* sources are measured too
+    except fleet_cli.plan_errors() as e:
         print(str(e), file=sys.stderr)
         return 1
     return 0
@@ -170,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local Ray head if needed, deploy a config, wait until ready")
     up.add_argument("--config", help=f"a Ray Serve config file (default: {serve_config.DEFAULT_CONFIG})")
+    up.add_argument("--inventory", help="a fleet inventory: deploy its models pinned where `mlx-serving plan` puts them")
     up.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
     up.add_argument("--host", help="HTTP bind address (default: the config's, else 127.0.0.1)")
     up.add_argument("--address", help="join this Ray cluster instead of using or starting a local one")
@@ -186,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="deployments, replicas and their hosts, readiness")
     status.add_argument("--dashboard", default=_DEFAULT_DASHBOARD)
     status.add_argument("--address")
+    status.add_argument("--inventory", help="also show this fleet's memory plan per host beside what runs there")
     status.set_defaults(func=_cmd_status)
 
     validate = sub.add_parser("validate", help="check config files; prints every problem with its path")
@@ -194,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="print the memory plan of a fleet inventory")
     plan.add_argument("file")
+    plan.add_argument("--emit-config", metavar="OUT", help="write a Ray Serve config pinning each model's replicas "
+                      "to its planned hosts ('-' for stdout)")
+    plan.add_argument("--no-failover", action="store_true",
+                      help="with --emit-config: no fallback_hosts; replicas of a lost host wait for it to return")
     plan.set_defaults(func=_cmd_plan)
+
+    fleet_cli.add_parsers(sub)
 
     models = sub.add_parser("models", help="model utilities")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -209,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args: Any = build_parser().parse_args(argv)
+    nodes.apply_client_env(fleet_cli.live_state())  # auth settings of a cluster `cluster up` started here
     return int(args.func(args) or 0)
 
 

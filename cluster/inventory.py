@@ -26,6 +26,9 @@ _LABEL_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*\.?$")
 # Set by the cluster tooling from the host name; a user value would break replica pinning.
 RESERVED_LABEL = "host"
+# Fields of a model's Serve deployment that the placement plan decides (cluster/pins.py).
+PLANNED_FIELDS = frozenset({"name", "source", "num_replicas", "autoscaling_config", "hosts", "fallback_hosts",
+                            "max_replicas_per_node", "memory_gb"})
 
 
 def _check_label(value: str, what: str) -> str:
@@ -116,6 +119,19 @@ class ModelPlacementSpec(BaseModel):
         description="Weights in GB, instead of measuring the safetensors files; the KV budget is added.",
     )
     kv_cache_gb: float | None = Field(default=None, ge=0, description="KV cache budget per replica.")
+    deployment: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More fields of the model's Serve deployment (engine, num_cpus, max_ongoing_requests, ...); "
+                    "the placement fields come from the plan.",
+    )
+
+    @field_validator("deployment")
+    @classmethod
+    def _no_placement_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(v) & PLANNED_FIELDS)
+        if taken:
+            raise ValueError(f"{', '.join(taken)} are set from the plan; use replicas, hosts and host_labels instead")
+        return v
 
     def selects(self, host: Host) -> bool:
         """Whether ``host`` passes both the allow-list and the label selector."""
@@ -133,6 +149,17 @@ class Fleet(BaseModel):
     head: str = Field(description="Name of the host that runs the Ray head.")
     default_kv_cache_gb: float = Field(default=1.0, ge=0)
     models: list[ModelPlacementSpec] = Field(default_factory=list)
+    app: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More arguments of the Serve application (auth, limits, ...) for the config made from the plan.",
+    )
+
+    @field_validator("app")
+    @classmethod
+    def _app_without_models(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "models" in v:
+            raise ValueError("models come from the fleet's `models:` list, not from `app`")
+        return v
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Fleet:

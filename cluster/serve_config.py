@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,6 @@ def problems(config: dict[str, Any]) -> list[str]:
     """Every problem in a Serve config file, each with its path; empty when the file is valid."""
     from ray.serve.schema import ServeDeploySchema
 
-    from deployments.config import AppConfig
-
     found: list[str] = []
     try:
         ServeDeploySchema.parse_obj(config)
@@ -54,11 +53,96 @@ def problems(config: dict[str, Any]) -> list[str]:
     for i, app in enumerate(apps):
         if not isinstance(app, dict) or app.get("import_path") != BUILD_APP:
             continue
-        try:
-            AppConfig.model_validate(app.get("args") or {})
-        except ValidationError as e:
-            found.extend(_pydantic_problems(e, f"applications[{i}].args"))
+        found.extend(_app_problems(app, f"applications[{i}]"))
     return found
+
+
+def _loc(path: tuple) -> str:
+    return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in path)
+
+
+def _router_override(app: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """``(index, entry)`` of the router's entry in the app's ``deployments:`` overrides, if any."""
+    from deployments.config import ROUTER_DEPLOYMENT
+
+    for j, d in enumerate(app.get("deployments") or []):
+        if isinstance(d, dict) and d.get("name") == ROUTER_DEPLOYMENT:
+            return j, d
+    return None
+
+
+def _app_problems(app: dict[str, Any], where: str) -> list[str]:
+    """An application's args, and its routes (in ``args.routes`` or in the router's user_config)
+    checked against its models, every problem with its path."""
+    from deployments.config import AppConfig, route_problems
+    from deployments.routing.config import RouteConfig, RoutingConfig
+
+    args = app.get("args") or {}
+    found: list[str] = []
+    try:
+        AppConfig.model_validate(args)
+        args_ok = True
+    except ValidationError as e:
+        args_ok = False
+        root_msgs = [err.get("msg", "") for err in e.errors() if not err.get("loc")]
+        found.extend(p for p, err in zip(_pydantic_problems(e, f"{where}.args"), e.errors())
+                     if err.get("loc"))  # route problems (root level) are reported below, with their paths
+    models = [m.get("name") for m in args.get("models") or [] if isinstance(m, dict)] if isinstance(args, dict) else []
+    route_msgs: list[tuple[str, str]] = []
+    for k, r in enumerate(args.get("routes") or [] if isinstance(args, dict) else []):
+        try:
+            route = RouteConfig.model_validate(r)
+        except ValidationError:
+            continue  # reported above with its path
+        route_msgs += [(f"{where}.args.routes[{k}]{_loc(path[1:])}", msg) for path, msg in route_problems([route], models)]
+    found.extend(f"{p}: {m}" for p, m in route_msgs)
+    if not args_ok:  # root-level problems that are not route problems (unique names, replicas)
+        found.extend(f"{where}.args: {m}" for m in root_msgs if not any(rm in m for _, rm in route_msgs))
+    override = _router_override(app)
+    if override is not None:
+        j, entry = override
+        uc_where = f"{where}.deployments[{j}].user_config"
+        uc = entry.get("user_config")
+        if isinstance(args, dict) and args.get("routes"):
+            found.append(f"{uc_where}: routes are given twice (here and in args.routes); keep one")
+        if isinstance(args, dict) and not args.get("routes") and args.get("router") is not True:
+            found.append(f"{where}.args.router: set `router: true` so the router deployment that this "
+                         f"user_config configures exists")
+        try:
+            cfg = RoutingConfig.model_validate(uc or {})
+        except ValidationError as e:
+            found.extend(_pydantic_problems(e, uc_where))
+        else:
+            found.extend(f"{uc_where}.routes{_loc(path)}: {msg}" for path, msg in route_problems(cfg.routes, models))
+    return found
+
+
+def for_deploy(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as ``mlx-serving up`` deploys it: ``args.routes`` moved into the router's user_config.
+
+    Serve hashes an application's ``args`` into the code version of every deployment, so a weight
+    edited in ``args`` would restart every replica. In the router's ``user_config`` (a
+    ``deployments:`` override) the same edit is applied live by ``reconfigure``. ``args.router: true``
+    keeps the router in the app, so ``args`` stay the same from one weight edit to the next.
+    """
+    from deployments.config import ROUTER_DEPLOYMENT
+
+    out = copy.deepcopy(config)
+    for app in out.get("applications") or []:
+        if not isinstance(app, dict) or app.get("import_path") != BUILD_APP:
+            continue
+        args = app.get("args")
+        if not isinstance(args, dict) or "routes" not in args:
+            continue
+        routes = args.pop("routes") or []
+        args["router"] = True
+        deployments = app.setdefault("deployments", [])
+        override = _router_override(app)
+        if override is None:
+            deployments.append({"name": ROUTER_DEPLOYMENT, "user_config": {"routes": routes}})
+        else:
+            override[1]["user_config"] = {"routes": routes}
+    return out
 
 
 def app_args(config: dict[str, Any]) -> list[dict[str, Any]]:

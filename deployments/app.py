@@ -14,15 +14,30 @@ from ray.serve import Application
 from .config import AppConfig
 from .ingress import Ingress
 from .replica import replica_deployment
+from .router import router_deployment
 
 
 def build_app(args: dict[str, Any]) -> Application:
+    """Model replicas, the router (when the app has routes) and the ingress.
+
+    The routes are the router's ``user_config`` and appear in no deployment's init args: a weight
+    change is then a user_config-only update that Serve applies by calling ``reconfigure`` on the
+    running router, restarting nothing. (A Serve config file's ``args`` are hashed into every
+    deployment's code version, so routes edited *in args* would restart every replica under
+    ``serve deploy``: ``mlx-serving up`` moves them into the router's user_config, see
+    ``cluster.serve_config.for_deploy``.)
+    """
     config = AppConfig.model_validate(args)
     models = {m.name: replica_deployment(m).bind(m.model_dump(mode="json")) for m in config.models}
+    router = None
+    if config.with_router:
+        routes = {"routes": [r.model_dump(mode="json") for r in config.routes]}
+        router = router_deployment().options(user_config=routes).bind([m.name for m in config.models])
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=4096,  # it only relays; admission control lives at the replicas
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(config.model_dump(mode="json"), models)
+    ingress_config = config.model_dump(mode="json", exclude={"routes"})
+    return ingress.bind(ingress_config, models, router) if router is not None else ingress.bind(ingress_config, models)

@@ -13,7 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.config import EngineConfig
 
+from .routing.config import RouteConfig
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_HOST = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def host_selector(hosts: list[str]) -> str:
+    """A Ray label-selector value matching any of ``hosts``."""
+    return hosts[0] if len(hosts) == 1 else "in(" + ",".join(hosts) + ")"
 
 
 class FaultInjection(BaseModel):
@@ -32,12 +40,24 @@ class ModelDeploymentConfig(BaseModel):
 
     name: str = Field(description="The id clients put in `model` (and the deployment's name suffix).")
     source: str = Field(description="Local directory, Hugging Face repo id, or demo:tiny / demo:bench / demo:vision.")
+    draft_model: str | None = Field(
+        None, description="A small model with the same tokenizer for speculative decoding (engine.num_draft_tokens per step).")
     num_replicas: int | None = Field(1, ge=0, le=512)
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...).")
     max_ongoing_requests: int = Field(64, ge=1, le=4096, description="Per replica; size it for the batch, not Serve's default 5.")
     max_queued_requests: int = Field(256, ge=-1, description="Requests waiting for a replica before 429; -1 is unbounded.")
     hosts: list[str] = Field(default_factory=list, description="Pin replicas to these hosts (Ray node label `host`).")
+    fallback_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a replica may use when none of `hosts` can take it (one is down or full); needs `hosts`.")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, le=100,
+        description="Serve's hard cap of replicas per Ray node (one node per Mac): 1 spreads replicas over distinct hosts.")
+    memory_gb: float | None = Field(
+        None, gt=0.0,
+        description="Memory Ray reserves per replica (weights + KV cache, GB of 2**30 bytes); a host offers what "
+                    "`ray start --memory` gave it (`mlx-serving cluster up --inventory` sets its usable memory).")
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves per replica.")
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0.0, description="In-flight streams get this long to finish.")
     health_check_period_s: float = Field(10.0, gt=0.0)
@@ -59,6 +79,26 @@ class ModelDeploymentConfig(BaseModel):
             raise ValueError("give num_replicas or autoscaling_config")
         return self
 
+    @field_validator("hosts", "fallback_hosts")
+    @classmethod
+    def _hosts_ok(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not _HOST.match(h):
+                raise ValueError(f"host {h!r} is not a valid Ray label value (1-63 letters, digits, '-', '_', '.')")
+        dupes = sorted({h for h in v if v.count(h) > 1})
+        if dupes:
+            raise ValueError(f"repeated host(s): {', '.join(dupes)}")
+        return v
+
+    @model_validator(mode="after")
+    def _fallback(self) -> ModelDeploymentConfig:
+        if self.fallback_hosts and not self.hosts:
+            raise ValueError("fallback_hosts needs hosts: without a pin every host is already allowed")
+        both = sorted(set(self.hosts) & set(self.fallback_hosts))
+        if both:
+            raise ValueError(f"host(s) in both hosts and fallback_hosts: {', '.join(both)}")
+        return self
+
     @property
     def deployment_name(self) -> str:
         return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
@@ -66,8 +106,12 @@ class ModelDeploymentConfig(BaseModel):
     def ray_actor_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.hosts:
-            value = self.hosts[0] if len(self.hosts) == 1 else "in(" + ",".join(self.hosts) + ")"
-            opts["label_selector"] = {"host": value}
+            opts["label_selector"] = {"host": host_selector(self.hosts)}
+        if self.fallback_hosts:
+            # Tried only when no host of `hosts` can take the replica: a failover target, not a spread target.
+            opts["fallback_strategy"] = [{"label_selector": {"host": host_selector(self.fallback_hosts)}}]
+        if self.memory_gb is not None:
+            opts["memory"] = int(self.memory_gb * 2**30)
         return opts
 
 
@@ -86,10 +130,44 @@ class LimitsConfig(BaseModel):
     default_max_tokens: int = Field(512, ge=1)
 
 
+ROUTER_DEPLOYMENT = "router"
+
+
+def route_problems(routes: list[RouteConfig], models: list[str]) -> list[tuple[tuple[int | str, ...], str]]:
+    """Routes checked against the models of the same application: ``[(path, message)]``, empty if fine.
+
+    Every variant must send to a model of ``models`` (its ``deployment``, which defaults to the
+    variant's name). A route may take a model's name only to *shadow* it: when that model is one of
+    the route's own variants (clients keep asking for ``chat`` while a canary of it rolls out);
+    a route hiding an unrelated model is refused.
+    """
+    known = set(models)
+    found: list[tuple[tuple[int | str, ...], str]] = []
+    for i, r in enumerate(routes):
+        for j, v in enumerate(r.variants):
+            if v.deployment not in known:
+                found.append(((i, "variants", j, "deployment"),
+                              f"route {r.name!r}: variant {v.name!r} sends to {v.deployment!r}, which is not a model "
+                              f"of this application ({', '.join(sorted(known)) or 'none'})"))
+        if r.name in known and r.name not in {v.deployment for v in r.variants}:
+            found.append(((i, "name"), f"route {r.name!r} has the name of a model that is not one of its variants: "
+                                       "it would hide that model; rename the route or make the model a variant"))
+    return found
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelDeploymentConfig] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(
+        default_factory=list,
+        description="Model names clients use that split traffic over variants (canary / A/B). They become the "
+                    "router deployment's user_config: `mlx-serving up` moves them there, so editing them never "
+                    "restarts a replica.")
+    router: bool | None = Field(
+        None, description="Deploy the router deployment. Default: when `routes` is given. Set it when the routes "
+                          "live in the router's user_config (`deployments: [{name: router, user_config: {routes: "
+                          "[...]}}]`, the form `serve deploy` updates in place).")
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     ingress_replicas: int = Field(1, ge=1)
@@ -100,4 +178,15 @@ class AppConfig(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        route_names = [r.name for r in self.routes]
+        dupes = sorted({n for n in route_names if route_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"route names must be unique; repeated: {', '.join(dupes)}")
+        found = route_problems(self.routes, names)
+        if found:
+            raise ValueError("; ".join(msg for _, msg in found))
         return self
+
+    @property
+    def with_router(self) -> bool:
+        return bool(self.routes) if self.router is None else self.router

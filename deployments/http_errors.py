@@ -15,6 +15,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from engine.errors import EngineError, EngineFailureError, NotReadyError, OverCapacityError
 
+from . import logging as events
 from .messages import ReplicaError
 
 
@@ -25,15 +26,22 @@ def as_replica_error(e: BaseException) -> ReplicaError:
     if isinstance(e, EngineError):
         return ReplicaError.of(e)
     if isinstance(e, BackPressureError):
+        events.queue_saturated(_model(), "serve_queue", "every replica's max_ongoing + max_queued requests are taken")
         return ReplicaError.of(OverCapacityError("every replica of this model is at capacity; retry shortly", retry_after=1.0))
     if isinstance(e, DeploymentUnavailableError):
         return ReplicaError.of(NotReadyError(f"model deployment is unavailable: {e}"))
     if isinstance(e, RayActorError):
+        events.replica_died(_model(), f"{type(e).__name__}: {str(e)[:300]}")
         return ReplicaError.of(EngineFailureError("the model replica serving this request died; retry the request",
                                                   code="replica_died"))
     if isinstance(e, (RayError, TaskCancelledError)):
         return ReplicaError.of(EngineFailureError(f"model replica failed: {type(e).__name__}"))
     return ReplicaError.of(EngineFailureError(f"internal error: {type(e).__name__}: {e}", code="internal_error"))
+
+
+def _model() -> str | None:
+    note = events.request_note.get()
+    return note.get("model") if note else None
 
 
 def error_response(err: ReplicaError | EngineError, headers: dict[str, str] | None = None) -> JSONResponse:

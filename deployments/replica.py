@@ -8,8 +8,10 @@ status before it starts a response.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
+import time
 from typing import Any, AsyncIterator
 
 import ray
@@ -20,18 +22,28 @@ from engine.engine import Engine
 from engine.errors import EngineError, EngineFailureError
 from engine.request import ChatMessage, GenerationChunk, GenerationRequest
 
+from . import logging as events
 from .config import ModelDeploymentConfig
 from .messages import ReplicaError, ReplicaInfo
+from .metrics import RayMetricsObserver
+
+log = logging.getLogger("mlx_serving.replica")
 
 
 class ModelReplica:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ModelDeploymentConfig.model_validate(config)
-        self.engine = Engine(self.config.engine)
+        events.setup("replica")
+        self.observer = RayMetricsObserver()  # engine metrics through Ray (deployments.metrics)
+        self.engine = Engine(self.config.engine, observer=self.observer)
+        self.observer.attach(self.engine)
+        t0 = time.monotonic()
         source = sources.resolve(self.config.source)
+        draft = sources.resolve(self.config.draft_model) if self.config.draft_model else None
         # Blocks this constructor until the weights are loaded and warmed up: Serve marks the replica
         # ready only then, so no request ever waits on a cold model.
-        self.engine.load_model_blocking(self.config.name, source)
+        self.engine.load_model_blocking(self.config.name, source, draft)
+        events.replica_started(self.config.name, time.monotonic() - t0, source=source)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[GenerationChunk | ReplicaError]:
         """Stream chunks; each item holds every token produced since the previous one."""
@@ -44,7 +56,16 @@ class ModelReplica:
                     await asyncio.sleep(fault.added_latency_per_token_s * max(1, len(chunk.token_ids)))
                 yield chunk
         except EngineError as e:
+            self._log_failure(e, request)
             yield ReplicaError.of(e)
+
+    def _log_failure(self, e: EngineError, request: dict[str, Any]) -> None:
+        if e.code == "over_capacity":
+            events.queue_saturated(self.config.name, "engine", e.message)
+        else:
+            log.log(logging.WARNING if e.http_status >= 500 else logging.INFO, "request failed", extra={
+                "event": "request_failed", "code": e.code, "status": e.http_status, "detail": e.message[:300],
+                "model": self.config.name, "completion_id": request.get("request_id")})
 
     async def complete(self, request: dict[str, Any]) -> GenerationChunk | ReplicaError:
         result: GenerationChunk | None = None
@@ -84,6 +105,7 @@ class ModelReplica:
         """Serve replaces the replica when this raises: a dead or stuck GPU thread is not recoverable."""
         h = self.engine.health()
         if not h.healthy:
+            (events.engine_dead if not h.alive else events.replica_unhealthy)(self.config.name, h.detail)
             raise RuntimeError(f"engine unhealthy: {h.detail}")
 
     async def __del__(self) -> None:
@@ -103,4 +125,6 @@ def replica_deployment(cfg: ModelDeploymentConfig) -> serve.Deployment:
         options["autoscaling_config"] = cfg.autoscaling_config
     else:
         options["num_replicas"] = cfg.num_replicas
+    if cfg.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = cfg.max_replicas_per_node
     return serve.deployment(ModelReplica).options(**options)

@@ -198,3 +198,23 @@ def test_invalid_reconfigure_leaves_state_untouched() -> None:
         router.reconfigure({"routes": [chat({"a": 1}) | {"variants": [{"name": "a"}, {"name": "a"}]}]})
     assert router.routes == ["chat"]
     assert router.report()["routes"]["chat"]["variants"][0]["stats"]["total"]["requests"] == 1
+
+
+def test_table_lets_a_caller_make_the_same_unforced_decisions() -> None:
+    from deployments.routing import assign
+
+    router, clock = make(chat({"a": 70, "b": 30}))
+    t = router.table()["chat"]
+    assert (t["sticky"], t["weights"], t["closed"], t["probing"]) == (True, {"a": 70, "b": 30}, ["a", "b"], [])
+    assert t["deployments"] == {"a": "a", "b": "b"} and t["retry_after_s"] is None
+    for key in KEYS[:300]:
+        assert assign(t["weights"], t["closed"], key, salt="chat").variant == router.choose("chat", key=key).variant
+    for _ in range(3):  # failure_threshold
+        router.record("chat", "b", FAIL)
+    t = router.table()["chat"]
+    assert t["closed"] == ["a"] and t["probing"] == [] and t["retry_after_s"] == 30
+    for key in KEYS[:300]:
+        assert assign(t["weights"], t["closed"], key, salt="chat").variant == router.choose("chat", key=key).variant == "a"
+    clock.t += 30
+    assert router.table()["chat"]["probing"] == ["b"]  # half-open: probes are the router's to ration
+    json.dumps(router.table())

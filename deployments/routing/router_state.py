@@ -129,6 +129,33 @@ class Router:
         with self._lock:
             return self._route(route).weights()
 
+    def table(self) -> dict[str, dict[str, Any]]:
+        """What a caller needs to make ``choose``'s unforced decisions itself (an ingress routing locally).
+
+        Per route: ``sticky``, effective ``weights`` in configured order, ``deployments`` (variant ->
+        deployment), ``closed`` (variants whose circuit lets everything through), ``probing``
+        (half-open variants: their probes are rationed here, so route through ``choose`` while any
+        exist) and ``retry_after_s`` (soonest reopening of an open circuit). Picking with
+        ``assign(weights, closed, key if sticky else None, salt=route)`` gives ``choose``'s answer.
+        """
+        with self._lock:
+            now = self._clock()
+            out: dict[str, dict[str, Any]] = {}
+            for name, r in self._routes.items():
+                self._poll_breakers(r, now)
+                states = {n: (v.breaker.state if v.breaker.config.enabled else BreakerState.CLOSED)
+                          for n, v in r.variants.items()}
+                waits = [w for v in r.variants.values() if (w := v.breaker.retry_after(now)) is not None]
+                out[name] = {
+                    "sticky": r.config.sticky,
+                    "weights": r.weights(),
+                    "deployments": {n: v.config.deployment for n, v in r.variants.items()},
+                    "closed": [n for n, s in states.items() if s is BreakerState.CLOSED],
+                    "probing": [n for n, s in states.items() if s is BreakerState.HALF_OPEN],
+                    "retry_after_s": min(waits) if waits else None,
+                }
+            return out
+
     # -- data path ----------------------------------------------------------------------------------
 
     def choose(self, route: str, key: str | None = None, force: str | None = None) -> Decision:
@@ -165,7 +192,8 @@ class Router:
             v = r.variants.get(variant) if r else None
             if r is None or v is None:
                 return
-            failure = not outcome.ok and (outcome.code or "unknown") not in r.config.client_error_codes
+            failure = not outcome.ok and not outcome.client_error \
+                and (outcome.code or "unknown") not in r.config.client_error_codes
             v.stats.record(outcome, failure)
             now = self._clock()
             events = v.breaker.record_failure(now) if failure else v.breaker.record_success(now)

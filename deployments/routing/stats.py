@@ -26,6 +26,7 @@ class Outcome:
     ttft_s: float | None = None
     tpot_s: float | None = None
     e2e_s: float | None = None
+    client_error: bool = False  # the client asked for something wrong (a 4xx other than 429): not the variant's fault
 
     def latency(self, metric: LatencyMetric) -> float | None:
         return {"ttft": self.ttft_s, "tpot": self.tpot_s, "e2e": self.e2e_s}[metric]

@@ -1,0 +1,208 @@
+"""The router deployment: the one place that decides canary / A-B routing.
+
+It holds a ``deployments.routing.Router`` (routes, variants, weights, sticky assignment, per-variant
+statistics, circuit breakers, staged rollouts). Its routes are the deployment's ``user_config``, so
+``serve deploy FILE`` / ``mlx-serving up --config FILE`` with new weights calls ``reconfigure`` on
+the running router and restarts nothing.
+
+Tokens do not flow through it (each Ray hop costs about 1 ms of CPU per streamed item, see
+docs/canary.md): an ingress keeps the router's routing *table* (``watch``, pushed by long poll),
+picks variants locally with the same ``routing.assignment`` code, streams straight from the chosen
+model replica, and sends outcomes back in batches (``record_batch``). Half-open circuits are the
+exception: their probes are rationed here, so an ingress asks ``choose`` for a route while one of its
+variants is half-open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve import metrics
+
+from .config import route_problems
+from .routing import Outcome, Router, RoutingConfig
+from .routing.errors import RoutingError
+
+logger = logging.getLogger("ray.serve")
+
+TICK_INTERVAL_S = 0.5  # rollout judgements and breaker cooldowns are checked this often
+WATCH_TIMEOUT_S = 10.0  # an idle long poll returns after this long (the caller polls again)
+
+
+class RouterDeployment:
+    def __init__(self, models: list[str], tick_interval_s: float = TICK_INTERVAL_S) -> None:
+        self.models = list(models)
+        self.tick_interval_s = tick_interval_s
+        self.router = Router()
+        self.version = 0  # bumped whenever the routing table changes
+        self._table: dict[str, Any] = {}
+        self._changed = asyncio.Event()
+        self._started = time.time()
+        self._epoch = f"{os.getpid():x}{time.time_ns() % 2**32:08x}"
+        self._events_total: dict[str, int] = {}
+        self._events = metrics.Counter(
+            "mlx_serving_router_events", description="Circuit-breaker transitions and rollout decisions.",
+            tag_keys=("route", "kind", "event"))
+        self._routed = metrics.Counter(
+            "mlx_serving_routed_requests", description="Requests routed to a variant, by outcome.",
+            tag_keys=("route", "variant", "outcome"))
+        self._canary_percent = metrics.Gauge(
+            "mlx_serving_rollout_canary_percent", description="Canary traffic share of a route's rollout.",
+            tag_keys=("route",))
+        self._rollout_state = metrics.Gauge(
+            "mlx_serving_rollout_state", description="1 for a route's current rollout state, 0 for the others.",
+            tag_keys=("route", "state"))
+        self._ticker: asyncio.Task | None = None
+        self._ensure_ticker()
+
+    # -- configuration ------------------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Apply ``{"routes": [...]}`` from the Serve user_config; stats, breakers and rollouts of
+        unchanged variants carry over (see ``Router.reconfigure``)."""
+        config = RoutingConfig.model_validate(user_config or {})
+        found = route_problems(config.routes, self.models)
+        if found:  # Serve reports this as a failed update and keeps the routes it had
+            raise ValueError("invalid routes: " + "; ".join(msg for _, msg in found))
+        self.router.reconfigure(config)
+        summary = {r: self.router.weights(r) for r in self.router.routes}
+        logger.info("router: routes configured: %s", summary or "none")
+        self._after_change()
+        self._ensure_ticker()
+
+    # -- data path (used by the ingress) ------------------------------------------------------------
+    @property
+    def table_version(self) -> str:
+        """Changes with the table, and with every restart of the router (the epoch)."""
+        return f"{self._epoch}:{self.version}"
+
+    async def watch(self, version: str | None = None, timeout_s: float = WATCH_TIMEOUT_S) -> tuple[str, dict[str, Any]]:
+        """``(version, table)`` as soon as the table differs from the caller's ``version`` (long poll)."""
+        self._ensure_ticker()
+        if version == self.table_version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.table_version, self._table
+
+    async def choose(self, route: str, key: str | None = None, force: str | None = None) -> dict[str, Any]:
+        """One decision: ``{"route", "variant", "deployment", "reason"}``; routing errors come back as
+        ``{"error": kind, "message", "retry_after"}`` so the caller maps them without unpickling."""
+        try:
+            d = self.router.choose(route, key=key, force=force)
+        except RoutingError as e:
+            return {"error": type(e).__name__, "message": str(e), "retry_after": getattr(e, "retry_after", None)}
+        finally:
+            self._after_change()  # a probe admitted or a cooldown elapsed may change the table
+        return {"route": d.route, "variant": d.variant, "deployment": d.deployment, "reason": d.reason}
+
+    async def record(self, route: str, variant: str, outcome: dict[str, Any]) -> None:
+        await self.record_batch([(route, variant, outcome)])
+
+    async def record_batch(self, items: list[tuple[str, str, dict[str, Any]]]) -> str:
+        """Outcomes of routed requests, batched by the ingress; returns the table version after them."""
+        for route, variant, o in items:
+            outcome = Outcome(**o)
+            self.router.record(route, variant, outcome)
+            label = "ok" if outcome.ok else ("client_error" if outcome.client_error else (outcome.code or "error"))
+            self._routed.inc(tags={"route": route, "variant": variant, "outcome": label})
+        self._after_change()
+        return self.table_version
+
+    # -- admin --------------------------------------------------------------------------------------
+    async def command(self, route: str, action: str, stage: int | None = None, reason: str = "manual") -> dict[str, Any]:
+        """promote | rollback | pause | resume | start | set_stage; errors come back as data (see choose)."""
+        try:
+            if action == "set_stage":
+                if stage is None:
+                    raise ValueError("set_stage needs a stage index")
+                decision = self.router.set_stage(route, stage, reason)
+            elif action in ("promote", "rollback", "pause", "resume", "start"):
+                decision = getattr(self.router, action)(route, reason)
+            else:
+                raise ValueError(f"unknown rollout action {action!r}")
+        except (RoutingError, ValueError) as e:
+            return {"error": type(e).__name__, "message": str(e)}
+        finally:
+            self._after_change()
+        return decision.to_dict()
+
+    async def report(self) -> dict[str, Any]:
+        out = self.router.report()
+        out["table_version"] = self.table_version
+        out["events_total"] = dict(self._events_total)
+        out["router"] = {"pid": os.getpid(), "started_at": self._started, "tick_interval_s": self.tick_interval_s}
+        return out
+
+    async def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "routes": self.router.routes, "table_version": self.table_version}
+
+    async def tick(self) -> None:
+        self.router.tick()
+        self._after_change()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _ensure_ticker(self) -> None:
+        if self._ticker is not None and not self._ticker.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on the event loop yet; the next call starts it
+        self._ticker = loop.create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval_s)
+            try:
+                self.router.tick()
+                self._after_change()
+            except Exception:  # noqa: BLE001 - a bad tick must not stop rollouts for good
+                logger.exception("router: tick failed")
+
+    def _after_change(self) -> None:
+        """Log and count new events, export rollout gauges, and publish the table if it changed."""
+        for e in self.router.drain_events():
+            self._count(e)
+        table = self.router.table()
+        if table != self._table:
+            self._table = table
+            self.version += 1
+            self._changed.set()  # wakes every long poll waiting on this event ...
+            self._changed = asyncio.Event()  # ... and the next ones wait for the next change
+
+    def _count(self, e: dict[str, Any]) -> None:
+        route = e.get("route", "")
+        if e.get("kind") == "breaker":
+            event = f"{e.get('from_state')}->{e.get('to_state')}"
+            logger.warning("router: route %r variant %r circuit %s: %s", route, e.get("name"), event, e.get("reason"))
+        else:
+            event = str(e.get("action"))
+            log = logger.warning if event == "rollback" else logger.info
+            log("router: route %r rollout %s -> %s at %s%% canary: %s", route, event, e.get("state"),
+                e.get("canary_percent"), e.get("reason"))
+            state = str(e.get("state"))
+            self._canary_percent.set(float(e.get("canary_percent") or 0.0), tags={"route": route})
+            for s in ("pending", "running", "paused", "promoted", "rolled_back"):
+                self._rollout_state.set(1.0 if s == state else 0.0, tags={"route": route, "state": s})
+        kind = str(e.get("kind"))
+        key = f"{kind}:{event}"
+        self._events_total[key] = self._events_total.get(key, 0) + 1
+        self._events.inc(tags={"route": route, "kind": kind, "event": event})
+
+
+def router_deployment() -> serve.Deployment:
+    """The router deployment (bind it to the application's model names); routes come from ``user_config``."""
+    return serve.deployment(RouterDeployment).options(
+        name="router",
+        num_replicas=1,  # one decider: statistics and rollout state live in one place
+        max_ongoing_requests=1000,  # long polls from every ingress replica plus admin calls
+        graceful_shutdown_timeout_s=2.0,  # only long polls are ever in flight; ingresses poll again
+        logging_config={"enable_access_log": False},  # a line per outcome batch and long poll is noise; decisions are logged
+        ray_actor_options={"num_cpus": 0},
+    )

@@ -1,0 +1,219 @@
+"""What routing costs on the HTTP token path: plain model vs routes vs a router in the token path.
+
+One private Ray cluster, one tiny demo model replica, the real ingress; N concurrent streaming
+``/v1/completions`` clients (closed loop, greedy, EOS banned so every request makes ``--max-tokens``
+tokens) against each path in turn, rounds interleaved so that load from elsewhere hits every path:
+
+  direct    ``model: demo``: the ingress streams from the model replica (no routing at all);
+  route-1   a route with one variant (decided locally from the router's table, outcome batched back);
+  route-2   a route with two variants (both on the same replica, so only routing differs);
+  proxied   the design we did not take: every item streams through one more deployment (a router in
+            the token path) before it reaches the ingress.
+
+It also times one unary ``RouterDeployment.choose`` call (the cost of asking the router per request).
+Run with ``--paths direct`` and ``PYTHONPATH`` pointing at an older checkout to compare the plain
+model path before and after a change.
+
+    python loadtests/bench_routing.py                       # 32 streams, 64 tokens, 3 rounds
+    python loadtests/bench_routing.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script; appended, so PYTHONPATH (an older checkout) wins
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+PATHS = ("direct", "route-1", "route-2", "proxied")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private Ray node")
+    p.add_argument("--json", help="write the results here")
+    return p.parse_args(argv)
+
+
+class Proxy:
+    """A deployment that relays a model replica's stream item by item: one more hop per item."""
+
+    def __init__(self, target: Any, model: str) -> None:
+        self.target, self.model = target, model
+
+    async def generate(self, request: dict[str, Any]):
+        async for item in self.target.options(stream=True).generate.remote({**request, "model": self.model}):
+            yield item
+
+    async def complete(self, request: dict[str, Any]) -> Any:
+        return await self.target.complete.remote({**request, "model": self.model})
+
+
+def build(model_dir: str, with_proxy: bool) -> tuple[Any, bool]:
+    from ray import serve
+
+    from deployments.config import AppConfig, ModelDeploymentConfig
+    from deployments.ingress import Ingress
+    from deployments.replica import replica_deployment
+
+    m = ModelDeploymentConfig(name="demo", source=model_dir, num_cpus=0)
+    config = AppConfig(models=[m])
+    demo = replica_deployment(m).bind(m.model_dump(mode="json"))
+    models = {"demo": demo}
+    if with_proxy:
+        models["proxied"] = serve.deployment(Proxy).options(
+            name="proxy", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0}).bind(demo, "demo")
+    ingress = serve.deployment(Ingress).options(name="ingress", max_ongoing_requests=4096,
+                                                ray_actor_options={"num_cpus": 0})
+    try:
+        from deployments.router import router_deployment
+    except ImportError:  # an older checkout without routing: the plain model path only
+        return ingress.bind(config.model_dump(mode="json"), models), False
+    routes = {"routes": [
+        {"name": "route-1", "variants": [{"name": "only", "deployment": "demo"}]},
+        {"name": "route-2", "variants": [{"name": "a", "deployment": "demo", "weight": 50},
+                                         {"name": "b", "deployment": "demo", "weight": 50}]},
+    ]}
+    router = router_deployment().options(user_config=routes).bind(["demo"])
+    return ingress.bind(config.model_dump(mode="json", exclude={"routes"}), models, router), True
+
+
+async def one_round(base: str, model: str, args: argparse.Namespace, bias: dict[str, float]) -> dict[str, Any]:
+    import httpx
+
+    ttfts: list[float] = []
+    items = tokens = errors = 0
+
+    async def client(c: httpx.AsyncClient, i: int) -> None:
+        nonlocal items, tokens, errors
+        for j in range(args.requests_per_client):
+            body = {"model": model, "prompt": f"Request {i}.{j}: tell me about lighthouses", "temperature": 0,
+                    "max_tokens": args.max_tokens, "logit_bias": bias, "stream": True,
+                    "stream_options": {"include_usage": True}, "user": f"user-{i}"}
+            t0 = time.perf_counter()
+            first = None
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    errors += 1
+                    await r.aread()
+                    continue
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        tokens += event["usage"]["completion_tokens"]
+                    elif event.get("choices"):
+                        items += 1
+                        if first is None:
+                            first = time.perf_counter() - t0
+            if first is not None:
+                ttfts.append(first)
+
+    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(c, i) for i in range(args.concurrency)])
+        wall = time.perf_counter() - t0
+    ttfts.sort()
+    return {"tokens_per_s": tokens / wall, "items_per_s": items / wall, "tokens": tokens, "items": items,
+            "wall_s": wall, "errors": errors, "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None}
+
+
+def time_choose(n: int = 200) -> dict[str, float]:
+    """Sequential round trips of one unary router call from this driver (the per-request cost of asking)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("router", app_name="bench")
+    h.choose.remote("route-2", "warm").result()
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        h.choose.remote("route-2", f"user-{i}").result()
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    return {"choose_p50_ms": 1000 * lat[n // 2], "choose_p90_ms": 1000 * lat[int(n * 0.9)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    import httpx
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from engine import blas
+    from engine.demo import make_demo_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    model_dir = str(make_demo_model(tmp / "tiny", "tiny"))
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **blas.preload_env()}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.num_cpus, "include_dashboard": False})
+    ray.init(address=cluster.address, runtime_env={"env_vars": env}, logging_level="ERROR")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    results: dict[str, Any] = {}
+    try:
+        app, has_routes = build(model_dir, "proxied" in paths)
+        serve.run(app, name="bench", route_prefix="/")
+        if not has_routes:
+            paths = [p for p in paths if p in ("direct", "proxied")]
+        base = f"http://127.0.0.1:{port}"
+        eos = httpx.post(base + "/tokenize", json={"model": "demo", "prompt": "<|im_end|>"}).json()["tokens"][0]
+        bias = {str(eos): -100.0}
+        asyncio.run(one_round(base, "demo", argparse.Namespace(**{**vars(args), "requests_per_client": 1}), bias))  # warm-up
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
+        for r in range(args.rounds):
+            for p in paths[r % len(paths):] + paths[:r % len(paths)]:  # rotate the order every round
+                model = "demo" if p == "direct" else p
+                res = asyncio.run(one_round(base, model, args, bias))
+                runs[p].append(res)
+                print(f"round {r} {p:<8} {res['tokens_per_s']:7.1f} tok/s {res['items_per_s']:7.1f} items/s "
+                      f"ttft p50 {res['ttft_p50_s']:.3f}s errors {res['errors']}", flush=True)
+        results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus,
+                               "driver_blas": blas.describe() if hasattr(blas, "describe") else None,
+                               "replica_LD_PRELOAD": env.get("LD_PRELOAD"),
+                               "loadavg_at_end": os.getloadavg()},
+                   "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                   "paths": {p: {"median_tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
+                                 "median_items_per_s": statistics.median(x["items_per_s"] for x in rs),
+                                 "median_ttft_p50_s": statistics.median(x["ttft_p50_s"] for x in rs),
+                                 "rounds": rs} for p, rs in runs.items()}}
+        if has_routes:
+            results["unary_choose"] = time_choose()
+        print(json.dumps({p: {k: round(v, 3) for k, v in d.items() if k != "rounds"} for p, d in results["paths"].items()},
+                         indent=1))
+        if "unary_choose" in results:
+            print("unary RouterDeployment.choose round trip:", json.dumps(results["unary_choose"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
