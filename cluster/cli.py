@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,22 +76,30 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cluster = None if args.address else fleet_cli.live_state()
     if args.address:
         address, dashboard = args.address, args.dashboard
-    elif cluster is not None:  # nodes started by `mlx-serving cluster up`: its address, never "auto"
+    elif cluster is not None:  # nodes started by `cluster up` or an earlier `up`: its address, never "auto"
         address, dashboard = cluster.address, cluster.dashboard_url
-        print(f"using the Ray cluster started by `mlx-serving cluster up` ({address}, hosts "
-              f"{', '.join(n.host for n in cluster.nodes)})")
+        started_head = cluster.mode == "local"
+        print(f"using the Ray cluster started by `mlx-serving {'up' if started_head else 'cluster up'}` "
+              f"({address}, hosts {', '.join(n.host for n in cluster.nodes)})")
         if cluster.mode == "simulate" and config.get("proxy_location") != "HeadOnly":
             config["proxy_location"] = "HeadOnly"  # simulated hosts share this machine's HTTP port
             print("proxy_location: HeadOnly (simulated hosts share this machine)")
         fleet_cli.warn_missing_hosts(address, config)
         previous = None
-    elif local.cluster_running("auto"):
-        address, dashboard = "auto", args.dashboard
-        print("using the Ray cluster already running on this machine")
+    elif (existing := local.existing_cluster()) is not None:
+        (address, auth_env), dashboard = existing, args.dashboard
+        os.environ.update(auth_env)
+        nodes.refresh_ray_auth()
+        print(f"using the Ray cluster already running on this machine ({address})")
     else:
         print("starting a Ray head on this machine ...", flush=True)
-        local.start_head(port=args.ray_port, dashboard_port=args.dashboard_port, num_cpus=args.num_cpus, host=None)
-        address, dashboard = "auto", f"http://127.0.0.1:{args.dashboard_port}"
+        try:
+            head = fleet_cli.start_local_head(port=args.ray_port, dashboard_port=args.dashboard_port,
+                                              num_cpus=args.num_cpus, timeout=180.0)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"could not start Ray: {e}", file=sys.stderr)
+            return 1
+        address, dashboard = head.address, head.dashboard_url
         started_head = True
     if previous is not None and not started_head:
         started_head = previous.started_head
@@ -126,9 +135,11 @@ def _cmd_down(args: argparse.Namespace) -> int:
     if state is None:
         print("nothing to stop: `mlx-serving up` has not started anything here")
         return 0
+    cluster = nodes.read_state()
+    if state.started_head and cluster is not None and cluster.mode == "local":
+        return fleet_cli.stop_cluster(cluster)
     if state.started_head:
-        print("stopping the Ray head started by `mlx-serving up` ...")
-        local.stop_ray()
+        print("the Ray head `mlx-serving up` started is not running any more")
     else:
         import ray
         from ray import serve

@@ -384,8 +384,13 @@ def cmd_down(args: argparse.Namespace) -> int:
     if state is None:
         print("nothing to stop: `mlx-serving cluster up` has not started anything here")
         return 0
+    return stop_cluster(state)
+
+
+def stop_cluster(state: ClusterState) -> int:
+    """Stop the recorded nodes and nothing else, then forget them (and what `up` deployed on them)."""
     names = ", ".join(n.host for n in state.nodes)
-    print(f"stopping the Ray nodes started by `mlx-serving cluster up`: {names} ...", flush=True)
+    print(f"stopping the Ray node(s) started here: {names} ...", flush=True)
     _stop_records(state.nodes)
     still = [r.host for r in state.nodes if r.pid is not None and nodes.alive(r)]
     if still:
@@ -396,6 +401,37 @@ def cmd_down(args: argparse.Namespace) -> int:
         local.state_file().unlink(missing_ok=True)
     print("stopped")
     return 0
+
+
+def start_local_head(*, port: int, dashboard_port: int, num_cpus: int | None, timeout: float) -> ClusterState:
+    """The one-machine cluster of `mlx-serving up`: a head labelled with this machine's name, run as
+    `ray start --block` in its own process group and recorded, so `down` stops it and no other Ray.
+
+    Auth follows Ray's own default: ``RAY_AUTH_MODE`` if set, else token auth when a token exists.
+    """
+    problem = _check_ports(port, dashboard_port)
+    if problem:
+        raise RuntimeError(problem)
+    env_mode = os.environ.get(nodes.AUTH_MODE_ENV)
+    has_token = bool(os.environ.get(nodes.TOKEN_ENV)) or nodes.token_path().is_file()
+    auth = env_mode if env_mode in ("token", "disabled") else ("token" if has_token else "disabled")
+    token = _ensure_auth(auth)
+    host = local.host_label()
+    address = f"{_node_ip()}:{port}"
+    record = NodeRecord(host=host, head=True, log=str(_logs_dir() / "head.log"), argv=nodes.ray_start_argv(
+        host=host, head=True, port=port, dashboard_port=dashboard_port, num_cpus=num_cpus, block=True,
+        ray=local.ray_bin(), same_machine=True))  # no fixed agent/worker ports: another Ray may run here
+    Path(record.log or "").unlink(missing_ok=True)
+    state = ClusterState(mode="local", address=address, dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+                         auth_mode=auth, token_path=token, nodes=[record])  # type: ignore[arg-type]
+    try:
+        _start_and_wait([record], _node_env(auth), address, timeout, on_started=lambda: nodes.write_state(state))
+    except (RuntimeError, TimeoutError, KeyboardInterrupt):
+        _stop_records([record])
+        nodes.state_file().unlink(missing_ok=True)
+        raise
+    nodes.write_state(state)
+    return state
 
 
 def cmd_stop_host(args: argparse.Namespace) -> int:

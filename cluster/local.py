@@ -61,10 +61,31 @@ def ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def cluster_running(address: str) -> bool:
-    """Whether a Ray cluster answers at ``address`` (``auto`` reads the local bootstrap file)."""
-    res = subprocess.run([ray_bin(), "status", "--address", address], capture_output=True, text=True, timeout=60)
+def cluster_running(address: str, env: dict[str, str] | None = None) -> bool:
+    """Whether a Ray cluster answers at ``address``."""
+    res = subprocess.run([ray_bin(), "status", "--address", address], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **(env or {})})
     return res.returncode == 0
+
+
+def existing_cluster() -> tuple[str, dict[str, str]] | None:
+    """The cluster to deploy onto instead of starting one: ``RAY_ADDRESS``, else the one `ray start`
+    last started here (Ray's bootstrap file), if it answers; with the auth settings that reached it.
+
+    A Ray that some other process started with ``ray.init()`` (a notebook, a test) is not taken.
+    """
+    from ray._private.utils import read_ray_address
+
+    address = os.environ.get("RAY_ADDRESS") or read_ray_address()
+    if not address:
+        return None
+    tries: list[dict[str, str]] = [{}]
+    if "RAY_AUTH_MODE" not in os.environ:  # a head holding a token turns auth on by itself
+        tries.append({"RAY_AUTH_MODE": "token"})
+    for env in tries:
+        if cluster_running(address, env):
+            return address, env
+    return None
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -75,26 +96,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     env.update(extra or {})
     return env
-
-
-def start_head(*, port: int, dashboard_port: int, num_cpus: int | None, host: str | None,
-               labels: dict[str, str] | None = None) -> None:
-    all_labels = {"host": host_label(host), **(labels or {})}
-    cmd = [
-        ray_bin(), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
-        "--labels=" + ",".join(f"{k}={v}" for k, v in all_labels.items()),
-        f"--resources={json.dumps({'host:' + all_labels['host']: 1000})}",
-    ]
-    if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=180)
-    if res.returncode != 0:
-        raise RuntimeError(f"`ray start --head` failed:\n{res.stdout}\n{res.stderr}")
-
-
-def stop_ray() -> None:
-    subprocess.run([ray_bin(), "stop", "--force"], capture_output=True, text=True, timeout=120)
 
 
 def deploy(dashboard_url: str, serve_config: dict[str, Any]) -> None:

@@ -60,7 +60,7 @@ class NodeRecord(BaseModel):
 
 
 class ClusterState(BaseModel):
-    mode: Literal["simulate", "inventory"]
+    mode: Literal["local", "simulate", "inventory"]  # local: the head `mlx-serving up` started
     address: str  # GCS address, host:port
     dashboard_url: str
     auth_mode: AuthMode
