@@ -13,6 +13,10 @@ class EngineConfig(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences decoded together per model.")
     prefill_batch_size: int = Field(8, ge=1, le=256, description="New prompts prefilled together.")
     prefill_step_size: int = Field(2048, ge=16, description="Prompt tokens per prefill chunk.")
+    admission_window_ms: float = Field(
+        20.0, ge=0.0, le=10_000.0,
+        description="While others decode, fewer new prompts than a prefill group wait up to this long for "
+                    "more to arrive, so they share one prefill pass; 0 admits at once.")
     max_waiting: int = Field(1024, ge=0, description="Queued requests per model before 429 over_capacity.")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="Weights of all loaded models; the least recently used idle model is unloaded to fit a new one."
@@ -23,6 +27,10 @@ class EngineConfig(BaseModel):
     num_draft_tokens: int = Field(3, ge=1, le=32, description="Draft tokens per verify step when a draft model is loaded.")
     max_draft_tokens: int = Field(8, ge=1, le=64, description="Upper bound for a request's own num_draft_tokens.")
     max_speculative: int = Field(4, ge=0, description="Speculative requests served at once (their own lane).")
+    speculative_share: float = Field(
+        0.25, gt=0.0, lt=1.0,
+        description="Most of the GPU thread's time the speculative lane takes while batched requests decode: "
+                    "bounds what speculative requests cost the batch (0.25: it keeps at least three quarters of its speed).")
     stream_buffer_items: int = Field(8, ge=1, description="Chunks buffered per stream before coalescing.")
     stall_timeout_s: float = Field(120.0, gt=0, description="A consumer that reads nothing this long is cut off.")
     stuck_after_s: float = Field(120.0, gt=0, description="Health fails when work waits and the GPU thread has not ticked this long.")

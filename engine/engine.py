@@ -23,7 +23,7 @@ from .observer import EngineObserver
 from .request import ChatMessage, GenerationChunk, GenerationRequest, ImagePart, ModelInfo
 from .sampling import make_processors, make_sampler
 from .scheduler import GpuScheduler, Sequence
-from .streams import StreamRegistry
+from .streams import StreamRegistry, Waker
 from .vision import prepare_vision_inputs
 
 
@@ -42,10 +42,11 @@ class EngineHealth(BaseModel):
 class Engine:
     def __init__(self, config: EngineConfig | None = None, observer: EngineObserver | None = None) -> None:
         self.config = config or EngineConfig()
-        self._scheduler = GpuScheduler(self.config, observer)
+        waker = Waker()
+        self._scheduler = GpuScheduler(self.config, observer, waker)
         self._registry = StreamRegistry(
             on_close=lambda rid: self._scheduler.post("cancel", rid),
-            max_items=self.config.stream_buffer_items,
+            max_items=self.config.stream_buffer_items, waker=waker,
         )
         self._loading: dict[str, Future] = {}
         self._load_lock = threading.Lock()

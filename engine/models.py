@@ -44,6 +44,7 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     waiting: list = field(default_factory=list)  # heap of scheduler.Sequence
     running: dict[int, Any] = field(default_factory=dict)  # batch uid -> scheduler.Sequence
+    lane_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # GPU time: [batch, speculative]
 
     @property
     def busy(self) -> bool:

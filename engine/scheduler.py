@@ -33,6 +33,7 @@ from .observer import EngineObserver
 from .output import SequenceOutput
 from .prompt_cache import PromptCache
 from .speculative import SpeculativeRun
+from .streams import Waker
 from .vision import VisionInputs, load_vision_model, warmup_vision
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, Sampler
@@ -76,8 +77,10 @@ class _Stop(BaseException):
 
 
 class GpuScheduler:
-    def __init__(self, config: EngineConfig, observer: EngineObserver | None = None) -> None:
+    def __init__(self, config: EngineConfig, observer: EngineObserver | None = None,
+                 waker: Waker | None = None) -> None:
         self.config = config
+        self.waker = waker or Waker()  # tokens are pushed deferred; each loop turn wakes their consumers once
         self.models: dict[str, LoadedModel] = {}
         self.dead: BaseException | None = None
         self.heartbeat = time.monotonic()
@@ -124,6 +127,7 @@ class GpuScheduler:
                         self._expire(m, now)
                         self._admit(m)
                         self._step(m)
+                self.waker.flush()
                 self.heartbeat = time.monotonic()
         except _Stop:
             self._fail_all(EngineFailureError("engine is shutting down"))
@@ -228,11 +232,12 @@ class GpuScheduler:
         """Admit in priority order; a request whose lane is full waits without blocking the other lane."""
         free = self.config.max_batch_size - len(m.running)
         free_spec = self.config.max_speculative - len(m.speculative) if m.draft is not None else 0
+        hold = self._hold_prefill(m, free)
         deferred = []
         while (free > 0 or free_spec > 0) and m.waiting:
             seq = heapq.heappop(m.waiting)
             speculative = seq.num_draft > 0 and m.draft is not None
-            if (free_spec if speculative else free) <= 0:
+            if (free_spec if speculative else free) <= 0 or (hold and not speculative):
                 deferred.append(seq)
                 continue
             p = seq.request.sampling
@@ -261,9 +266,28 @@ class GpuScheduler:
         for seq in deferred:
             heapq.heappush(m.waiting, seq)
 
+    def _hold_prefill(self, m: LoadedModel, free: int) -> bool:
+        """Whether the waiting text requests should wait a little for more to join their prefill pass.
+
+        A prefill pass costs nearly the same for a few prompts as for a group, and closed-loop clients
+        send their next requests a few at a time just after their previous ones end. Only while other
+        sequences decode (an idle batch admits at once) and never past ``admission_window_ms``.
+        """
+        window = self.config.admission_window_ms / 1000.0
+        if window <= 0 or not m.running or free <= 0:
+            return False
+        text = [s for s in m.waiting if not (s.num_draft > 0 and m.draft is not None)]
+        if not text or len(text) >= min(self.config.prefill_batch_size, free):
+            return False
+        return time.monotonic() - min(s.submitted for s in text) < window
+
     def _step(self, m: LoadedModel) -> None:
-        if m.speculative:
+        if not (m.speculative and m.running):  # shares count only while both lanes have work
+            m.lane_seconds[:] = [0.0, 0.0]
+        if m.speculative and self._speculative_turn(m):
+            t0 = time.monotonic()
             self._speculate(m)
+            m.lane_seconds[1] += time.monotonic() - t0
         if not m.running:
             return
         t0 = time.monotonic()
@@ -278,12 +302,22 @@ class GpuScheduler:
             m.batch = m.new_batch(self._batch_kwargs())
             return
         now = time.monotonic()
+        m.lane_seconds[0] += now - t0
         for r in results:
             seq = m.running.get(r.uid)
             if seq is not None:
                 self._deliver(m, seq, r, now)
         m.last_used = now
         self.observer.on_step(m.name, len(results), now - t0, len(m.running), len(m.waiting))
+
+    def _speculative_turn(self, m: LoadedModel) -> bool:
+        """Whether the speculative lane runs a round now: it may take ``speculative_share`` of the GPU
+        thread's time while batched requests decode (all of it when none do)."""
+        if not m.running:
+            return True
+        batch, spec = m.lane_seconds
+        share = self.config.speculative_share
+        return spec * (1.0 - share) <= batch * share
 
     def _speculate(self, m: LoadedModel) -> None:
         """One draft-and-verify round for every speculative sequence of ``m``."""
@@ -338,10 +372,11 @@ class GpuScheduler:
         seq.stream.push(GenerationChunk.model_construct(
             request_id=seq.request.request_id, text=text, token_ids=[r.token],
             logprobs=[lp] if lp is not None else None, finish_reason=finish, usage=usage,
-        ))
+        ), deferred=True)
         return finish is not None
 
     def _fail_all(self, err: EngineError) -> None:
+        self.waker.flush()  # a consumer with a wake-up still due would never hear the error otherwise
         for m in self.models.values():
             for seq in [*m.waiting, *m.running.values(), *m.speculative.values()]:
                 seq.stream.push(err)

@@ -20,10 +20,43 @@ from .errors import EngineError
 from .request import GenerationChunk
 
 
+class Waker:
+    """Wakes each consumer event loop once per scheduler turn, not once per stream and token.
+
+    A wake-up is a write to the loop's self-pipe plus a turn of that loop; with dozens of streams
+    those cost more GIL time than the tokens themselves, time the GPU thread then waits for.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._due: dict[asyncio.AbstractEventLoop, list[RequestStream]] = {}
+
+    def defer(self, stream: RequestStream) -> None:
+        with self._lock:
+            self._due.setdefault(stream._loop, []).append(stream)
+
+    def flush(self) -> None:
+        with self._lock:
+            due, self._due = self._due, {}
+        for loop, streams in due.items():
+            try:
+                loop.call_soon_threadsafe(_wake, streams)
+            except RuntimeError:  # that loop is gone: nobody is listening any more
+                for stream in streams:
+                    stream.closed = True
+
+
+def _wake(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream._ready.set()
+
+
 class RequestStream:
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_items: int) -> None:
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_items: int,
+                 waker: Waker | None = None) -> None:
         self.request_id = request_id
         self._loop = loop
+        self._waker = waker
         self._max_items = max_items
         self._items: deque[GenerationChunk | EngineError] = deque()
         self._lock = threading.Lock()
@@ -34,7 +67,8 @@ class RequestStream:
         self.last_read = time.monotonic()
 
     # -- producer side (GPU thread) -------------------------------------------------------------
-    def push(self, item: GenerationChunk | EngineError) -> None:
+    def push(self, item: GenerationChunk | EngineError, deferred: bool = False) -> None:
+        """Queue ``item``; ``deferred`` leaves waking the consumer to the waker's next flush."""
         with self._lock:
             if self.finished or self.closed:
                 return
@@ -52,6 +86,9 @@ class RequestStream:
             if self._notified:
                 return
             self._notified = True
+        if deferred and self._waker is not None:
+            self._waker.defer(self)
+            return
         try:
             self._loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # the consumer's loop is gone: nobody is listening any more
@@ -94,11 +131,12 @@ class RequestStream:
 class StreamRegistry:
     """All open streams of one engine. Closing a stream tells the scheduler to drop the sequence."""
 
-    def __init__(self, on_close: Callable[[str], None], max_items: int = 8) -> None:
+    def __init__(self, on_close: Callable[[str], None], max_items: int = 8, waker: Waker | None = None) -> None:
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
         self._on_close = on_close
         self._max_items = max_items
+        self.waker = waker or Waker()
 
     def open(self, request_id: str, loop: asyncio.AbstractEventLoop) -> RequestStream:
         with self._lock:
@@ -106,7 +144,7 @@ class StreamRegistry:
                 from .errors import InvalidRequestError
 
                 raise InvalidRequestError(f"request id {request_id!r} is already in flight", param="request_id")
-            stream = RequestStream(request_id, loop, self._max_items)
+            stream = RequestStream(request_id, loop, self._max_items, self.waker)
             self._streams[request_id] = stream
             return stream
 

@@ -245,6 +245,36 @@ def test_cancelling_a_consumer_frees_its_slot(tiny_model_dir: Path) -> None:
     run(e.shutdown(1))
 
 
+def test_admission_window_holds_a_lone_prompt_but_admits_a_full_prefill_group(tiny_model_dir: Path) -> None:
+    """While others decode, a prefill group of prompts joins at once; a lone prompt waits for company."""
+    e = Engine(EngineConfig(prefill_batch_size=4, admission_window_ms=10_000, warmup=False, prompt_cache_gb=0))
+
+    async def go() -> None:
+        await e.load_model("tiny", str(tiny_model_dir))
+        no_eos = {next(iter(e._model("tiny").eos_ids)): -100.0}
+        done: list[str] = []
+
+        async def run_one(tag: str, max_tokens: int) -> None:
+            await e.complete(req("tiny", f"request {tag}", max_tokens=max_tokens, logit_bias=no_eos))
+            done.append(tag)
+
+        long = asyncio.create_task(run_one("long", 400))
+        while e.health().active == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*(run_one(f"group{i}", 2) for i in range(4)))
+        assert sorted(done) == [f"group{i}" for i in range(4)]
+        assert e.health().active == 1  # the long request still decodes: the group did not wait for it
+        await asyncio.gather(long, run_one("lone", 2))
+        assert done[-2:] == ["long", "lone"]  # held (window 10 s) until the batch emptied
+
+    try:
+        run(go())
+    finally:
+        run(e.shutdown(drain_timeout_s=1))
+
+
+
+
 def test_interactive_requests_are_admitted_before_batch_ones(tiny_model_dir: Path) -> None:
     e = Engine(EngineConfig(max_batch_size=1, warmup=False))
     order: list[str] = []

@@ -349,3 +349,23 @@ def test_response_format_shapes() -> None:
     assert spec is not None and spec.kind == "json_schema" and spec.json_schema == PERSON and spec.strict
     choice = validate_spec({"kind": "choice", "choices": ["café", 'a"b']})
     assert choice is not None and choice.choices == ["café", 'a"b']
+
+
+def test_gpu_mask_path_matches_the_cpu_one() -> None:
+    """The packed mask unpacked by MLX (used on GPUs) bans exactly what the numpy path bans, past the
+    mask's end included."""
+    from engine.structured import _bias, _masked_on_device
+
+    rng = np.random.default_rng(0)
+    n_tokens, width = 1000, 1040  # logits wider than the vocabulary: the rest is never allowed
+    bitmask = rng.integers(-2**31, 2**31 - 1, size=(n_tokens + 31) // 32, dtype=np.int64).astype(np.int32)
+    logits = mx.array(rng.normal(size=(1, width)).astype(np.float32))
+    allowed = np.unpackbits(bitmask.view(np.uint8), count=width if width <= bitmask.size * 32 else None,
+                            bitorder="little")[:width]
+    expected = logits + _bias(allowed, width, logits.dtype)
+    got = _masked_on_device(logits, bitmask, width)
+    assert got.shape == (1, width)
+    assert np.array_equal(np.isinf(np.array(got)), np.isinf(np.array(expected)))
+    assert np.isinf(np.array(got))[0, bitmask.size * 32:].all() and 0 < np.isinf(np.array(got)).sum() < width
+    finite = ~np.isinf(np.array(expected))
+    assert np.array_equal(np.array(got)[finite], np.array(expected)[finite])
