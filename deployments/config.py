@@ -59,6 +59,9 @@ class ModelDeploymentConfig(BaseModel):
         description="Memory Ray reserves per replica (weights + KV cache, GB of 2**30 bytes); a host offers what "
                     "`ray start --memory` gave it (`mlx-serving cluster up --inventory` sets its usable memory).")
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves per replica.")
+    num_gpus: float = Field(
+        0.0, ge=0.0, description="GPUs Ray reserves per replica: for MLX's CUDA backend on Linux (Ray then sets "
+                                 "CUDA_VISIBLE_DEVICES); leave 0 on Macs, where Ray sees no GPU.")
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0.0, description="In-flight streams get this long to finish.")
     health_check_period_s: float = Field(10.0, gt=0.0)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -105,6 +108,8 @@ class ModelDeploymentConfig(BaseModel):
 
     def ray_actor_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            opts["num_gpus"] = self.num_gpus
         if self.hosts:
             opts["label_selector"] = {"host": host_selector(self.hosts)}
         if self.fallback_hosts:

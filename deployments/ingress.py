@@ -334,52 +334,46 @@ class Ingress:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
-        self._authorize(request)
-        t0 = time.perf_counter()
-        handle, variant, pick = await self._target(body.model, request, body.user)
-        headers = {VARIANT_HEADER: variant}
-        try:
-            payload = self._engine_request(body, "chatcmpl", pick)
-            if body.stream:
-                gen, first = await self._open_stream(handle, payload)
-                track = _Track(pick, t0, time.perf_counter()) if pick is not None else None
-                return StreamingResponse(self._chat_sse(body, payload["request_id"], gen, first, track),
-                                         media_type="text/event-stream", headers=headers)
-            result = await self._complete(handle, payload)
-        except EngineError as e:
-            return self._failed(pick, t0, e, headers)
-        self._succeeded(pick, t0, result)
-        return JSONResponse(ChatCompletionResponse(
-            id=payload["request_id"], model=body.model,
-            choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason,
-                                logprobs=ChatLogprobs.of(result.logprobs))],
-            usage=UsageInfo.of(result),
-        ).model_dump(mode="json", exclude_none=True), headers=headers)
+        def whole(rid: str, result: GenerationChunk) -> ChatCompletionResponse:
+            return ChatCompletionResponse(
+                id=rid, model=body.model, usage=UsageInfo.of(result),
+                choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason,
+                                    logprobs=ChatLogprobs.of(result.logprobs))])
+
+        return await self._generate(body, request, "chatcmpl", self._chat_sse, whole)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        def whole(rid: str, result: GenerationChunk) -> CompletionResponse:
+            text = (body.prompt if body.echo and isinstance(body.prompt, str) else "") + result.text
+            return CompletionResponse(
+                id=rid, model=body.model, usage=UsageInfo.of(result),
+                choices=[CompletionChoice(text=text, finish_reason=result.finish_reason,
+                                          logprobs=CompletionLogprobs.of(result.logprobs))])
+
+        return await self._generate(body, request, "cmpl", self._completion_sse, whole)
+
+    async def _generate(self, body: Any, request: Request, prefix: str, sse: Callable[..., AsyncIterator[str]],
+                        whole: Callable[[str, GenerationChunk], BaseModel]) -> Any:
+        """The flow both generation routes share: auth, routing to a variant, one replica call (streamed
+        as SSE, or ``whole`` for the complete answer), and the outcome reported to the router."""
         self._authorize(request)
         t0 = time.perf_counter()
         handle, variant, pick = await self._target(body.model, request, body.user)
         headers = {VARIANT_HEADER: variant}
         try:
-            payload = self._engine_request(body, "cmpl", pick)
+            payload = self._engine_request(body, prefix, pick)
             if body.stream:
                 gen, first = await self._open_stream(handle, payload)
                 track = _Track(pick, t0, time.perf_counter()) if pick is not None else None
-                return StreamingResponse(self._completion_sse(body, payload["request_id"], gen, first, track),
+                return StreamingResponse(sse(body, payload["request_id"], gen, first, track),
                                          media_type="text/event-stream", headers=headers)
             result = await self._complete(handle, payload)
         except EngineError as e:
             return self._failed(pick, t0, e, headers)
         self._succeeded(pick, t0, result)
-        text = (body.prompt if body.echo and isinstance(body.prompt, str) else "") + result.text
-        return JSONResponse(CompletionResponse(
-            id=payload["request_id"], model=body.model,
-            choices=[CompletionChoice(text=text, finish_reason=result.finish_reason,
-                                      logprobs=CompletionLogprobs.of(result.logprobs))],
-            usage=UsageInfo.of(result),
-        ).model_dump(mode="json", exclude_none=True), headers=headers)
+        return JSONResponse(whole(payload["request_id"], result).model_dump(mode="json", exclude_none=True),
+                            headers=headers)
 
     def _failed(self, pick: Pick | None, t0: float, e: EngineError, headers: dict[str, str]) -> JSONResponse:
         if pick is not None:
@@ -406,8 +400,8 @@ class Ingress:
             raise as_engine_error(result)
         return result
 
-    async def _chat_sse(self, body: ChatCompletionRequest, rid: str, gen: DeploymentResponseGenerator,
-                        first: GenerationChunk, track: _Track | None = None) -> AsyncIterator[str]:
+    def _chat_sse(self, body: ChatCompletionRequest, rid: str, gen: DeploymentResponseGenerator,
+                  first: GenerationChunk, track: _Track | None = None) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(delta: ChatDelta, finish: str | None = None, logprobs: ChatLogprobs | None = None,
@@ -418,29 +412,32 @@ class Ingress:
             )
             return sse_event(c.model_dump_json(exclude_none=True))
 
-        yield chunk(ChatDelta(role="assistant", content=""))
-        last: GenerationChunk | None = None
-        async for item in self._relay(gen, first, track):
-            if isinstance(item, ReplicaError):
-                yield sse_event(item.to_openai())
-                break
-            last = item
-            if item.text or item.finish_reason or item.logprobs:
-                yield chunk(ChatDelta(content=item.text), item.finish_reason, ChatLogprobs.of(item.logprobs))
-        if body.include_usage and last is not None and last.usage is not None:
-            yield chunk(ChatDelta(), usage=UsageInfo.of(last), choices=False)
-        yield SSE_DONE
+        return self._sse(body, gen, first, track, opening=chunk(ChatDelta(role="assistant", content="")),
+                         event=lambda item: chunk(ChatDelta(content=item.text), item.finish_reason,
+                                                  ChatLogprobs.of(item.logprobs)),
+                         usage_event=lambda usage: chunk(ChatDelta(), usage=usage, choices=False))
 
-    async def _completion_sse(self, body: CompletionRequest, rid: str, gen: DeploymentResponseGenerator,
-                              first: GenerationChunk, track: _Track | None = None) -> AsyncIterator[str]:
+    def _completion_sse(self, body: CompletionRequest, rid: str, gen: DeploymentResponseGenerator,
+                        first: GenerationChunk, track: _Track | None = None) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
             c = CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage)
             return sse_event(c.model_dump_json(exclude_none=True))
 
-        if body.echo and isinstance(body.prompt, str):
-            yield chunk([CompletionChoice(text=body.prompt)])
+        echo = chunk([CompletionChoice(text=body.prompt)]) if body.echo and isinstance(body.prompt, str) else None
+        return self._sse(body, gen, first, track, opening=echo,
+                         event=lambda item: chunk([CompletionChoice(text=item.text, finish_reason=item.finish_reason,
+                                                                    logprobs=CompletionLogprobs.of(item.logprobs))]),
+                         usage_event=lambda usage: chunk([], usage=usage))
+
+    async def _sse(self, body: Any, gen: DeploymentResponseGenerator, first: GenerationChunk, track: _Track | None, *,
+                   opening: str | None, event: Callable[[GenerationChunk], str],
+                   usage_event: Callable[[UsageInfo], str]) -> AsyncIterator[str]:
+        """One SSE stream as OpenAI sends it: events with content, an error event if the replica
+        failed, the usage event when asked for, then ``[DONE]``."""
+        if opening is not None:
+            yield opening
         last: GenerationChunk | None = None
         async for item in self._relay(gen, first, track):
             if isinstance(item, ReplicaError):
@@ -448,10 +445,9 @@ class Ingress:
                 break
             last = item
             if item.text or item.finish_reason or item.logprobs:
-                yield chunk([CompletionChoice(text=item.text, finish_reason=item.finish_reason,
-                                              logprobs=CompletionLogprobs.of(item.logprobs))])
+                yield event(item)
         if body.include_usage and last is not None and last.usage is not None:
-            yield chunk([], usage=UsageInfo.of(last))
+            yield usage_event(UsageInfo.of(last))
         yield SSE_DONE
 
     # -- tokens ---------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ def test_deployment_config_turns_pins_into_ray_options() -> None:
         "fallback_strategy": [{"label_selector": {"host": "c"}}], "memory": int(1.5 * 2**30),
     }
     assert ModelDeploymentConfig(name="m", source="x", hosts=["a"]).ray_actor_options()["label_selector"] == {"host": "a"}
+    assert ModelDeploymentConfig(name="m", source="x", num_gpus=1).ray_actor_options() == {"num_cpus": 1.0, "num_gpus": 1}
     for bad, msg in [({"fallback_hosts": ["c"]}, "needs hosts"),
                      ({"hosts": ["a"], "fallback_hosts": ["a"]}, "both"),
                      ({"hosts": ["a", "a"]}, "repeated"),

@@ -7,13 +7,10 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
-from ray import serve
 
 from conftest import MAX_BODY, no_eos, replica_info
 
