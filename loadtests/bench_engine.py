@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "completion_batch_size (default: EngineConfig's, at least the highest level)")
     p.add_argument("--prompt-cache-gb", type=float,
                    help="the engine's prompt (prefix) cache size; 0 turns it off (default: EngineConfig's)")
+    p.add_argument("--admission-window-ms", type=float,
+                   help="the engine's admission_window_ms; 0 admits new prompts at once (default: EngineConfig's)")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, concurrency 1,4, 16 tokens")
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg_kwargs: dict[str, Any] = {}
     if args.prompt_cache_gb is not None:
         cfg_kwargs["prompt_cache_gb"] = args.prompt_cache_gb
+    if args.admission_window_ms is not None:
+        cfg_kwargs["admission_window_ms"] = args.admission_window_ms
     if args.max_batch_size:
         cfg_kwargs["max_batch_size"] = args.max_batch_size
     elif EngineConfig().max_batch_size < max(args.levels):
@@ -323,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_batch_size": cfg.max_batch_size,
         "prefill_batch_size": cfg.prefill_batch_size,
         "prefill_step_size": cfg.prefill_step_size,
+        "admission_window_ms": cfg.admission_window_ms,
         "closed_loop": "each of N consumers sends its next request when its previous one finishes",
         "warmup": f"each path runs {warm_level} requests of 8 tokens (sequential: 1 request) before timing",
         "repeat": args.repeat,

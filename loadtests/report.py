@@ -39,7 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 # Benchmarks --run knows; a missing script is skipped (others may not exist yet).
-BENCHES = {"bench_engine": "loadtests/bench_engine.py", "bench_http": "loadtests/bench_http.py"}
+BENCHES = {"bench_engine": "loadtests/bench_engine.py", "bench_http": "loadtests/bench_http.py",
+           "bench_features": "loadtests/bench_features.py"}
 LABELS = {  # friendlier series names for known (benchmark, path) pairs
     ("bench_engine", "engine"): "engine (in-process)",
     ("bench_engine", "batchgen"): "BatchGenerator (bare loop)",
@@ -47,6 +48,14 @@ LABELS = {  # friendlier series names for known (benchmark, path) pairs
     ("bench_http", "engine"): "engine (in-process, HTTP run)",
     ("bench_http", "http"): "mlx-serving over HTTP",
     ("bench_http", "mlx_lm_server"): "mlx_lm.server (HTTP)",
+    # bench_features writes bench_engine's shape: one series per feature path, keyed by its client count
+    ("bench_features", "free"): "features: free generation",
+    ("bench_features", "constrained"): "features: constrained (json_schema)",
+    ("bench_features", "prefix_cache_on"): "features: ~1k-token shared prefix, cache on",
+    ("bench_features", "prefix_cache_off"): "features: ~1k-token shared prefix, cache off",
+    ("bench_features", "batch_alone"): "features: batch clients alone",
+    ("bench_features", "batch_with_speculative"): "features: batch clients beside speculative ones",
+    ("bench_features", "speculative"): "features: speculative clients",
 }
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 

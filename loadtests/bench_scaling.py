@@ -1,0 +1,204 @@
+"""Replica scaling: aggregate tokens/s of two replicas on two hosts over one replica on one host.
+
+Starts ``--nodes`` Ray nodes on this machine with the product's own node tooling (``ray start
+--block`` in process groups of their own, stopped at the end), each labelled ``host=node-<i>``. On a
+CUDA machine node i sees only GPU i (``CUDA_VISIBLE_DEVICES``) and offers one GPU, and each replica
+asks for one (``num_gpus: 1``), so every "host" is one GPU. Phase 1 deploys one replica pinned to
+node-1 and runs ``--clients`` closed-loop streaming clients; phase 2 deploys one replica on each of
+node-1 and node-2 (``max_replicas_per_node: 1``) and runs twice the clients. Both phases go through
+the same HTTP proxy and ingress replicas (``--ingress-replicas``), with the clients of
+``bench_http.py`` (``POST /v1/completions``, greedy, EOS suppressed). Ratio: ``two_replicas_vs_one``.
+
+    python loadtests/bench_scaling.py --model /tmp/m1b --json out.json   # on nvidia-h200-x2
+    python loadtests/bench_scaling.py --quick                             # tiny model on CPU: checks the path only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtests.bench_http import eos_bias, free_port, http_level, wait_http  # noqa: E402
+from loadtests.common import ensure_model, machine_info, make_prompts, print_table, reexec_with_openblas, write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = {"two_replicas_vs_one": 1.8}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a local mlx-lm model directory (default: the bench demo model)")
+    p.add_argument("--model-dir", help="where the demo model is built/found")
+    p.add_argument("--clients", type=int, help="streaming clients per replica (default 32; --quick 4)")
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, help="generated tokens per request (default 128; --quick 16)")
+    p.add_argument("--ingress-replicas", type=int, default=2)
+    p.add_argument("--gpus", type=int, help="GPUs on this machine (default: what nvidia-smi lists); 0 runs on CPU")
+    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-openblas", action="store_true")
+    a = p.parse_args(argv)
+    a.preset = "tiny" if a.quick else "bench"
+    a.clients = a.clients or (4 if a.quick else 32)
+    a.max_tokens = a.max_tokens or (16 if a.quick else 128)
+    return a
+
+
+def count_gpus() -> int:
+    if not shutil.which("nvidia-smi"):
+        return 0
+    res = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(1 for line in res.stdout.splitlines() if line.startswith("GPU "))
+
+
+class LocalNodes:
+    """Two labelled Ray nodes on this machine, one GPU each when there are GPUs."""
+
+    def __init__(self, gpus: int) -> None:
+        from ray._private.services import get_node_ip_address
+
+        from cluster import nodes
+
+        self.nodes = nodes
+        self.gpus = gpus
+        self.temp = Path(tempfile.mkdtemp(prefix="mlxs-", dir="/tmp"))  # Ray's socket paths must stay short
+        self.address = f"{get_node_ip_address()}:{free_port()}"
+        self.records: list[Any] = []
+        self.hosts = ["node-1", "node-2"]
+
+    def start(self, timeout: float = 180.0) -> None:
+        from cluster.local import child_env, ray_bin
+        from cluster.nodes import NodeRecord
+
+        cpus = max(2, (os.cpu_count() or 4) // 2)
+        env = child_env({"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)})
+        for i, host in enumerate(self.hosts):
+            argv = self.nodes.ray_start_argv(
+                host=host, head=i == 0, address=self.address, port=int(self.address.rsplit(":", 1)[1]),
+                dashboard_port=None, num_cpus=cpus, temp_dir=str(self.temp), block=True, ray=ray_bin(),
+                same_machine=True)
+            if i == 0:
+                argv.insert(-1, "--include-dashboard=false")  # not needed here: one process less
+            node_env = dict(env)
+            if self.gpus:
+                argv.insert(-1, "--num-gpus=1")
+                node_env["CUDA_VISIBLE_DEVICES"] = str(i)
+            record = NodeRecord(host=host, head=i == 0, argv=argv, log=str(self.temp / f"{host}.log"))
+            proc = self.nodes.start_local(argv, node_env, Path(record.log or ""))
+            record.pid = proc.pid
+            self.records.append(record)
+
+            def failed(proc=proc, record=record) -> str | None:
+                if proc.poll() is None:
+                    return None
+                return f"the Ray node of {record.host} exited:\n{self.nodes.log_tail(record.log)}"
+
+            self.nodes.wait_for_hosts(self.address, self.hosts[: i + 1], timeout, failed)
+
+    def stop(self) -> None:
+        for r in reversed(self.records):
+            self.nodes.stop_local(r, timeout=30)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def app_args(model_dir: Path, replicas: int, args: argparse.Namespace, gpus: int) -> dict[str, Any]:
+    return {"ingress_replicas": args.ingress_replicas, "models": [{
+        "name": "bench", "source": str(model_dir), "num_replicas": replicas, "hosts": ["node-1", "node-2"][:replicas],
+        "max_replicas_per_node": 1, "num_cpus": 1, "num_gpus": 1 if gpus else 0,
+        "max_ongoing_requests": 4 * args.clients, "engine": {"max_batch_size": args.clients}}]}
+
+
+def replica_hosts(app: str, replicas: int) -> list[str]:
+    """The hosts the model replicas of ``app`` run on, as each replica reports its node's label."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("model-bench", app_name=app)
+    seen: set[tuple[str | None, int]] = set()
+    for _ in range(20 * replicas):
+        info = handle.info.remote().result()
+        seen.add((info.host, info.pid))
+        if len(seen) >= replicas:
+            break
+    return sorted(str(h) for h, _ in seen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    reexec_with_openblas(args.no_openblas)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    gpus = count_gpus() if args.gpus is None else args.gpus
+    if gpus == 1:
+        print("one GPU: both hosts would share it; pass --gpus 0 to run on CPU", file=sys.stderr)
+        return 1
+    model_dir = ensure_model(args.model, args.model_dir, args.preset)
+    prompts = make_prompts(256)
+    bias = eos_bias(model_dir)
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    cluster = LocalNodes(gpus)
+    results: list[dict[str, Any]] = []
+    placements: dict[int, list[str]] = {}
+    try:
+        cluster.start()
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
+                    logging_config={"log_level": "WARNING"})
+        base = f"http://127.0.0.1:{port}"
+        for replicas in (1, 2):
+            t = time.perf_counter()
+            serve.run(build_app(app_args(model_dir, replicas, args, gpus)), name="scale", route_prefix="/")
+            wait_http(base + "/ready", 600)
+            placements[replicas] = replica_hosts("scale", replicas)
+            print(f"-- {replicas} replica(s) on {placements[replicas]} (up in {time.perf_counter() - t:.0f}s)", flush=True)
+            clients = args.clients * replicas
+            asyncio.run(http_level(base, "bench", prompts, clients, _level_args(args, 1), bias, "warmup"))
+            r = asyncio.run(http_level(base, "bench", prompts, clients, args, bias, f"{replicas} replica(s)"))
+            r["replicas"] = replicas
+            results.append(r)
+            print(f"   {clients} clients: {r['tokens_per_s']:.1f} tok/s, errors {r['errors']}", flush=True)
+            serve.delete("scale")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.stop()
+
+    print_table(["replicas", "hosts", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "requests", "errors"],
+                [(r["replicas"], ",".join(placements[r["replicas"]]), r["concurrency"], r["tokens_per_s"],
+                  r["ttft_p50_ms"], r["ttft_p99_ms"], r["requests"], r["errors"]) for r in results])
+    ratios = {"two_replicas_vs_one": results[1]["tokens_per_s"] / results[0]["tokens_per_s"]}
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f} (target >= {TARGETS[k]}: {'met' if v >= TARGETS[k] else 'NOT met'})")
+    if args.json:
+        write_json(args.json, {
+            "benchmark": "bench_scaling", "machine": machine_info(), "model": str(model_dir),
+            "settings": {"gpus": gpus, "clients_per_replica": args.clients, "requests_per_client": args.requests_per_client,
+                         "max_tokens": args.max_tokens, "ingress_replicas": args.ingress_replicas,
+                         "placements": {str(k): v for k, v in placements.items()}},
+            "results": results, "ratios": ratios,
+            "targets": {k: {"target": t, "met": ratios[k] >= t} for k, t in TARGETS.items()}})
+    return 0
+
+
+def _level_args(args: argparse.Namespace, requests_per_client: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "requests_per_client": requests_per_client})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
