@@ -25,6 +25,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_demo_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
 
 
+def kill_processes_naming(path: Path) -> None:
+    """SIGKILL every process (but this one) whose command line names ``path``: the Ray nodes a test
+    started with that temp dir, whatever state the test left them in."""
+    import signal
+    import subprocess
+
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if str(path) in args and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def free_port() -> int:
     import socket
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ MLX_SERVING = Path(sys.executable).with_name("mlx-serving")
 
 
 def test_up_serves_the_demo_and_down_stops_only_its_own_head(ray_cluster: Any, tmp_path: Path) -> None:
-    from conftest import free_port
+    from conftest import free_port, kill_processes_naming
 
     cache = tmp_path / "cache"
     rt = Path(tempfile.mkdtemp(prefix="mlxu-", dir="/tmp"))  # Ray's socket paths must stay short
@@ -71,12 +70,5 @@ def test_up_serves_the_demo_and_down_stops_only_its_own_head(ray_cluster: Any, t
         assert any(n["Alive"] for n in ray.nodes())
         assert "nothing to stop" in cli("down").stdout
     finally:  # whatever failed: no Ray process of this test outlives it (they all name its temp dir)
-        listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        for line in listing.splitlines():
-            pid, _, args = line.strip().partition(" ")
-            if str(rt) in args and int(pid) != os.getpid():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
+        kill_processes_naming(rt)
         shutil.rmtree(rt, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -201,7 +200,7 @@ def test_launcher_yaml_is_valid_for_ray_up_and_labels_each_mac(tmp_path: Path) -
 # --- simulated hosts through the CLI -------------------------------------------------------------------
 
 def test_cluster_up_simulate_3_then_down_stops_exactly_those_nodes(ray_cluster: Any, tmp_path: Path) -> None:
-    from conftest import free_port
+    from conftest import free_port, kill_processes_naming
 
     cache = tmp_path / "cache"
     rt = Path(tempfile.mkdtemp(prefix="mlxs-", dir="/tmp"))  # Ray's socket paths must stay short
@@ -242,14 +241,7 @@ def test_cluster_up_simulate_3_then_down_stops_exactly_those_nodes(ray_cluster: 
 
         assert any(n["Alive"] and n["Labels"].get("host") == "sim-1" for n in ray.nodes())
     finally:  # whatever failed: no Ray process of this test outlives it (they all name its temp dir)
-        listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        for line in listing.splitlines():
-            pid, _, args = line.strip().partition(" ")
-            if str(rt) in args and int(pid) != os.getpid():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
+        kill_processes_naming(rt)
         shutil.rmtree(rt, ignore_errors=True)
 
 
