@@ -7,13 +7,14 @@ model), with closed-loop asyncio clients (each sends its next request when its p
                (one engine): what structured output costs in aggregate tokens/s. Every constrained
                output that finished with "stop" must parse as JSON and match the schema, and every
                one (cut at max_tokens or not) must replay through the schema's grammar.
-  prefix       one request at a time, each a shared ~1,000-token system prefix plus a short user part
-               of its own, after one priming request; one engine with the prompt (prefix) cache on
+  prefix       one request at a time, each a shared ~1,000-token system prefix plus a user part of
+               its own (all of one length), after two priming requests (a cache miss, then a hit); one engine with the prompt (prefix) cache on
                (EngineConfig's size) and one with it off: what the cache saves in TTFT, and that it
                changes no greedy output.
   speculative  an engine with a draft model (default: the target's own weights, so every draft token
                is accepted): 16 non-speculative clients alone (phase A), then the same 16 with K
-               speculative clients running beside them all the time (phase B): what speculative
+               speculative clients (one prompt, warmed up at full length first) running beside them
+               all the time (phase B): what speculative
                requests cost the batch, and how fast they run themselves.
 
 Free, batch and speculative requests are greedy with EOS biased by -100, so they generate exactly
