@@ -177,7 +177,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if live_state() is not None:
         state = nodes.read_state()
         assert state is not None
-        return _err(f"a cluster started by `mlx-serving cluster up` is running ({state.address}, hosts "
+        by = "mlx-serving up" if state.mode == "local" else "mlx-serving cluster up"
+        return _err(f"a cluster started by `{by}` is running ({state.address}, hosts "
                     f"{', '.join(n.host for n in state.nodes)}); stop it first with `mlx-serving cluster down`")
     if args.simulate is not None:
         return _up_simulate(args)

@@ -76,6 +76,11 @@ class _Stop(BaseException):
     """Posted to end the loop cleanly."""
 
 
+def _speculative(seq: Sequence, m: LoadedModel) -> bool:
+    """Whether ``seq`` takes the speculative lane of ``m`` (it asked for drafts and ``m`` has a draft)."""
+    return seq.num_draft > 0 and m.draft is not None
+
+
 class GpuScheduler:
     def __init__(self, config: EngineConfig, observer: EngineObserver | None = None,
                  waker: Waker | None = None) -> None:
@@ -236,7 +241,7 @@ class GpuScheduler:
         deferred = []
         while (free > 0 or free_spec > 0) and m.waiting:
             seq = heapq.heappop(m.waiting)
-            speculative = seq.num_draft > 0 and m.draft is not None
+            speculative = _speculative(seq, m)
             if (free_spec if speculative else free) <= 0 or (hold and not speculative):
                 deferred.append(seq)
                 continue
@@ -276,7 +281,7 @@ class GpuScheduler:
         window = self.config.admission_window_ms / 1000.0
         if window <= 0 or not m.running or free <= 0:
             return False
-        text = [s for s in m.waiting if not (s.num_draft > 0 and m.draft is not None)]
+        text = [s for s in m.waiting if not _speculative(s, m)]
         if not text or len(text) >= min(self.config.prefill_batch_size, free):
             return False
         return time.monotonic() - min(s.submitted for s in text) < window

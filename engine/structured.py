@@ -306,6 +306,11 @@ def _bias(allowed: np.ndarray, width: int, dtype: mx.Dtype) -> mx.array:
     return out if dtype == mx.float32 else out.astype(dtype)
 
 
+@lru_cache(maxsize=1)
+def _bit_shifts() -> mx.array:
+    return mx.arange(32, dtype=mx.uint32)
+
+
 def _masked_on_device(logits: mx.array, bitmask: np.ndarray, width: int) -> mx.array:
     """``logits`` with -inf wherever the packed ``bitmask`` has a 0 bit (and past its end).
 
@@ -314,7 +319,7 @@ def _masked_on_device(logits: mx.array, bitmask: np.ndarray, width: int) -> mx.a
     slow on CUDA. On the CPU backend ``_bias`` is faster.
     """
     words = mx.array(bitmask.view(np.uint32))
-    bits = (mx.right_shift(words[:, None], mx.arange(32, dtype=mx.uint32)) & 1).reshape(-1)
+    bits = (mx.right_shift(words[:, None], _bit_shifts()) & 1).reshape(-1)
     if bits.size < width:
         bits = mx.concatenate([bits, mx.zeros((width - bits.size,), dtype=bits.dtype)])
     return mx.where(bits[:width].astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))

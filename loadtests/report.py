@@ -51,8 +51,8 @@ LABELS = {  # friendlier series names for known (benchmark, path) pairs
     # bench_features writes bench_engine's shape: one series per feature path, keyed by its client count
     ("bench_features", "free"): "features: free generation",
     ("bench_features", "constrained"): "features: constrained (json_schema)",
-    ("bench_features", "prefix_cache_on"): "features: ~1k-token shared prefix, cache on",
-    ("bench_features", "prefix_cache_off"): "features: ~1k-token shared prefix, cache off",
+    ("bench_features", "prefix_cache_on"): "features: prefix cache on (1k shared)",
+    ("bench_features", "prefix_cache_off"): "features: prefix cache off (1k shared)",
     ("bench_features", "batch_alone"): "features: batch clients alone",
     ("bench_features", "batch_with_speculative"): "features: batch clients beside speculative ones",
     ("bench_features", "speculative"): "features: speculative clients",
