@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from .sampling import LogitsProcessor, Sampler
+from .structured import GrammarProcessor, MaskPass
 
 
 @dataclass(slots=True)
@@ -40,6 +41,8 @@ class TextBatch:
         )
         self.stream = self._gen.stream  # the GPU thread's stream, shared with the speculative lane
         self._live: set[int] = set()
+        self._constrained: set[int] = set()  # live uids with a grammar: their masks are one pass a step
+        self._masks = MaskPass()
 
     def insert(self, prompt: list[int], max_tokens: int, sampler: Sampler | None,
                processors: list[LogitsProcessor], cache: list[Any] | None = None,
@@ -51,6 +54,8 @@ class TextBatch:
             all_tokens=[list(cached_tokens)] if cached_tokens else None,
         )
         self._live.add(uid)
+        if any(isinstance(p, GrammarProcessor) for p in processors):
+            self._constrained.add(uid)
         return uid
 
     def remove(self, uids: Sequence[int], keep_caches: bool = False) -> dict[int, tuple[list[Any], list[int]]]:
@@ -60,17 +65,25 @@ class TextBatch:
             return {}
         caches = self._gen.remove(uids, return_prompt_caches=keep_caches)
         self._live.difference_update(uids)
+        self._constrained.difference_update(uids)
         return caches
 
     def step(self) -> list[StepResult]:
         """One scheduling step: a decode step for running sequences and a prefill chunk for new ones."""
-        _, responses = self._gen.next()
+        if self._constrained:
+            decoding = self._gen._generation_batch  # pinned 0.32.2: the rows the next decode step samples
+            self._masks.arm(decoding._next_tokens, decoding.logits_processors)
+        try:
+            _, responses = self._gen.next()
+        finally:
+            self._masks.disarm()
         out = []
         for r in responses:
             if r.uid not in self._live:
                 continue
             if r.finish_reason is not None:
                 self._live.discard(r.uid)
+                self._constrained.discard(r.uid)
             out.append(StepResult(r.uid, r.token, r.logprobs, r.finish_reason, r.prompt_cache, r.all_tokens))
         return out
 

@@ -5,7 +5,8 @@ vocabulary) and a cache of compiled grammars. ``compile`` runs where the request
 raises ``InvalidRequestError`` there; ``CompiledGrammar.make_processor`` gives each sequence its own
 matcher (a shared one corrupts the other rows), and the GPU thread only advances matchers and masks.
 
-Masks are applied with plain numpy/MLX ops: the packaged MLX kernels are Metal-only.
+Masks are applied with plain numpy/MLX ops: the packaged MLX kernels are Metal-only. In a ``TextBatch``
+a ``MaskPass`` does one decode step's grammar work for all constrained rows at once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from llguidance import LLMatcher, LLTokenizer
+from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
 from .grammar import StructuredSpec, check_grammar, spec_from_response_format, to_grammar, validate_spec
 
@@ -29,6 +30,7 @@ __all__ = [
     "CompiledGrammar",
     "GrammarCompiler",
     "GrammarProcessor",
+    "MaskPass",
     "StructuredSpec",
     "compiler_for",
     "spec_from_response_format",
@@ -229,8 +231,10 @@ class GrammarProcessor:
         self._eos_ids = frozenset(eos_token_ids)
         self._other_eos = np.array(sorted(self._eos_ids - {eos_token_id}), dtype=np.int64)
         self._bitmask = np.zeros(((n_tokens + 31) // 32,), dtype=np.int32)
-        self._n_bits = self._bitmask.size * 32
-        self._seen = -1
+        self._seen = -1  # context length the matcher has consumed
+        self._ready_at = -1  # context length a ``MaskPass`` already advanced and masked for
+        self._pass: MaskPass | None = None  # set while a pass is armed for this sequence's batch step
+        self._pass_bias: mx.array | None = None  # this row of the pass's masks, as a bias row
         self._eos_only: mx.array | None = None
         self.finished = False  # EOS was sampled
         self.completed = False  # the grammar accepted the output (EOS was allowed when it came)
@@ -244,34 +248,38 @@ class GrammarProcessor:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         n = tokens.shape[-1]
-        if self._seen < 0:
-            self._seen = n  # first call: the context is the prompt
-        elif n > self._seen:
-            new = tokens.reshape(-1)[self._seen:].tolist()  # the one sync: the sampled token
-            self._seen = n
-            if not self.finished:
-                self._advance(new)
-        width = logits.shape[-1]
-        if not self.done:
-            self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
-            if self._matcher.is_error():
-                self._fail()
+        if self._pass is not None:
+            self._pass.run(logits)
+        if n == self._ready_at and not self.done:
+            return logits + self._pass_bias  # a ``MaskPass`` advanced and masked this row with the batch
+        if n != self._ready_at:  # alone: advance and mask this row only
+            if self._seen < 0:
+                self._seen = n  # first call: the context is the prompt
+            elif n > self._seen:
+                new = tokens.reshape(-1)[self._seen:].tolist()  # the one sync: the sampled token
+                self._seen = n
+                if not self.finished:
+                    self._advance(new)
+            if not self.done:
+                self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+                self._check()
         if self.done:
-            return logits + self._eos_bias(width, logits.dtype)
-        if self._other_eos.size and (self._bitmask[self._eos >> 5] >> (self._eos & 31)) & 1:
-            np.bitwise_or.at(self._bitmask.view(np.uint32), self._other_eos >> 5,
+            return logits + self._eos_bias(logits.shape[-1], logits.dtype)
+        self._allow_every_eos(self._bitmask)
+        return logits + _mask_bias(self._bitmask[None], logits.shape[-1], logits.dtype)
+
+    def _allow_every_eos(self, bitmask: np.ndarray) -> None:
+        """llguidance knows one EOS id; where it allows that one, allow the model's other EOS ids too."""
+        if self._other_eos.size and (bitmask[self._eos >> 5] >> (self._eos & 31)) & 1:
+            np.bitwise_or.at(bitmask.view(np.uint32), self._other_eos >> 5,
                              np.left_shift(np.uint32(1), (self._other_eos & 31).astype(np.uint32)))
-        if mx.default_device().type == mx.DeviceType.gpu:
-            return _masked_on_device(logits, self._bitmask, width)
-        allowed = np.unpackbits(self._bitmask.view(np.uint8), count=min(width, self._n_bits), bitorder="little")
-        return logits + _bias(allowed, width, logits.dtype)
 
     def _eos_bias(self, width: int, dtype: mx.Dtype) -> mx.array:
         # Built on first use, on the thread that runs the batch (never where the processor was made).
         if self._eos_only is None or self._eos_only.shape[-1] != width or self._eos_only.dtype != dtype:
-            allowed = np.zeros((width,), dtype=np.uint8)
-            allowed[[i for i in self._eos_ids if i < width]] = 1
-            self._eos_only = _bias(allowed, width, dtype)
+            bias = np.full((1, width), -np.inf, dtype=np.float32)
+            bias[0, [i for i in self._eos_ids if i < width]] = 0.0
+            self._eos_only = mx.array(bias).astype(dtype)
         return self._eos_only
 
     def _advance(self, new: Sequence[int]) -> None:
@@ -286,24 +294,83 @@ class GrammarProcessor:
             if not self._matcher.consume_token(token):
                 self._fail()
 
+    def _take(self, token: int) -> bool:
+        """A ``MaskPass`` hands over the token sampled last step; True if a mask is still needed."""
+        if self._seen < 0:
+            return False  # never called yet: its first call reads the prompt itself
+        self._seen += 1
+        if not self.finished:
+            self._advance([token])
+        self._ready_at = self._seen
+        return not self.done
+
+    def _check(self) -> None:
+        if self._matcher.is_error():
+            self._fail()
+
     def _fail(self) -> None:
         # Only reachable if a sampler ignored the mask or a parser limit was hit: end the sequence.
         self.error = self._matcher.get_error().strip().split("\n", 1)[0] or "grammar matcher failed"
         log.warning("structured output stopped: %s", self.error)
 
 
-def _bias(allowed: np.ndarray, width: int, dtype: mx.Dtype) -> mx.array:
-    """0 where ``allowed`` (0/1 bytes) is set, -inf elsewhere and past its end, as a row to add to logits.
+@lru_cache(maxsize=1)
+def _executor() -> LLExecutor:
+    return LLExecutor()  # llguidance's thread pool: 80% of the CPUs, up to 32
 
-    log(1) = 0 and log(0) = -inf exactly; on the CPU backend this plus an add is about 4x faster than
-    ``mx.where`` or numpy boolean indexing over a 150k vocabulary, and adding keeps the logits' dtype.
+
+class MaskPass:
+    """One decode step's grammar work for every constrained row of a batch, done at once.
+
+    mlx-lm calls logits processors row by row, and alone each row syncs on its sampled token, advances
+    its matcher and computes its mask in turn, before the step's forward pass is even dispatched: on a
+    GPU, 16 constrained rows left it idle for most of each step. Armed with the batch's in-flight tokens
+    just before a step, the first constrained row's call dispatches the forward pass, reads every sampled
+    token with one sync and computes all masks in parallel on llguidance's threads (GIL released) while
+    the GPU runs; the other rows find their masks ready. Rows it was not armed with work alone.
     """
-    with np.errstate(divide="ignore"):
-        bias = np.log(allowed.astype(np.float32))
-    if bias.size < width:  # logits wider than the vocabulary llguidance knows: never allowed
-        bias = np.concatenate([bias, np.full((width - bias.size,), -np.inf, dtype=np.float32)])
-    out = mx.array(bias)
-    return out if dtype == mx.float32 else out.astype(dtype)
+
+    def __init__(self) -> None:
+        self._tokens: mx.array | None = None
+        self._rows: list[tuple[int, GrammarProcessor]] = []
+        self._masks = np.zeros((0, 0), dtype=np.int32)
+
+    def arm(self, tokens: mx.array | None, processors: Sequence[Sequence[Any]]) -> None:
+        """``tokens``: the batch's sampled-but-unread tokens, one per row; ``processors``: each row's."""
+        if tokens is None or tokens.size != len(processors):
+            return
+        self._rows = [(i, p) for i, row in enumerate(processors) for p in row if isinstance(p, GrammarProcessor)]
+        if self._rows:
+            self._tokens = tokens
+            for _, p in self._rows:
+                p._pass = self
+
+    def disarm(self) -> None:
+        for _, p in self._rows:
+            p._pass, p._pass_bias = None, None
+        self._rows, self._tokens = [], None
+
+    def run(self, logits: mx.array) -> None:
+        """Called by each armed row's processor with its logits; works on the first call only."""
+        if self._tokens is None:
+            return
+        tokens, self._tokens = self._tokens, None
+        mx.async_eval(logits)  # the forward pass runs on the GPU while the masks are computed here
+        sampled = tokens.reshape(-1).tolist()
+        live = [p for i, p in self._rows if p._take(sampled[i])]
+        if not live:
+            return
+        words = live[0]._bitmask.size
+        if self._masks.shape[0] < len(live) or self._masks.shape[1] != words:
+            self._masks = np.zeros((max(len(live), self._masks.shape[0]), words), dtype=np.int32)
+        _executor().unsafe_compute_mask_ptr([(p._matcher, k) for k, p in enumerate(live)],
+                                            self._masks.ctypes.data, words * 4, self._masks.shape[0])
+        for k, p in enumerate(live):
+            p._check()
+            p._allow_every_eos(self._masks[k])
+        bias = _mask_bias(self._masks[:len(live)], logits.shape[-1], logits.dtype)  # one upload for all rows
+        for k, p in enumerate(live):
+            p._pass_bias = bias[k:k + 1]
 
 
 @lru_cache(maxsize=1)
@@ -311,18 +378,33 @@ def _bit_shifts() -> mx.array:
     return mx.arange(32, dtype=mx.uint32)
 
 
-def _masked_on_device(logits: mx.array, bitmask: np.ndarray, width: int) -> mx.array:
-    """``logits`` with -inf wherever the packed ``bitmask`` has a 0 bit (and past its end).
+def _mask_bias(masks: np.ndarray, width: int, dtype: mx.Dtype) -> mx.array:
+    """Rows to add to logits: 0 where a packed mask row (``int32`` words, bit ``i`` = token ``i``) allows
+    a token, -inf elsewhere and past its end (logits wider than the vocabulary llguidance knows)."""
+    rows, words = masks.shape
+    n = min(width, words * 32)
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    bias = (_unpack_on_device if on_gpu else _unpack_with_numpy)(masks, n, dtype)
+    if n < width:
+        bias = mx.concatenate([bias, mx.full((rows, width - n), -mx.inf, dtype=dtype)], axis=1)
+    return bias
 
-    On a GPU this uploads the packed mask (4 KB for a 128k vocabulary, not 512 KB of floats) and
-    unpacks it there; the CPU's numpy work per sequence and step was what made constrained decoding
-    slow on CUDA. On the CPU backend ``_bias`` is faster.
-    """
-    words = mx.array(bitmask.view(np.uint32))
-    bits = (mx.right_shift(words[:, None], _bit_shifts()) & 1).reshape(-1)
-    if bits.size < width:
-        bits = mx.concatenate([bits, mx.zeros((width - bits.size,), dtype=bits.dtype)])
-    return mx.where(bits[:width].astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+def _unpack_on_device(masks: np.ndarray, n: int, dtype: mx.Dtype) -> mx.array:
+    """GPUs: the packed masks go up (4 KB a row for a 128k vocabulary, not 512 KB of floats) and are
+    unpacked there, in a few ops for all rows."""
+    rows, words = masks.shape
+    bits = mx.right_shift(mx.array(masks.view(np.uint32))[:, :, None], _bit_shifts()) & 1
+    allowed = bits.reshape(rows, words * 32)[:, :n].astype(mx.bool_)
+    return mx.where(allowed, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+
+
+def _unpack_with_numpy(masks: np.ndarray, n: int, dtype: mx.Dtype) -> mx.array:
+    """The CPU backend: numpy's unpack and log (log(1) = 0, log(0) = -inf) is about 4x faster than
+    ``mx.where`` over a 150k vocabulary."""
+    with np.errstate(divide="ignore"):
+        unpacked = np.unpackbits(masks.view(np.uint8), axis=1, count=n, bitorder="little")
+        return mx.array(np.log(unpacked.astype(np.float32))).astype(dtype)
 
 
 _compilers: weakref.WeakKeyDictionary[Any, GrammarCompiler] = weakref.WeakKeyDictionary()

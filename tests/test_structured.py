@@ -22,7 +22,8 @@ from mlx_lm.generate import BatchGenerator
 from engine.errors import InvalidRequestError
 from engine.grammar import (StructuredSpec, check_grammar, close_objects, spec_from_response_format, to_grammar,
                             validate_spec)
-from engine.structured import GrammarCompiler, GrammarProcessor, compiler_for, token_bytes
+from engine.batch import TextBatch
+from engine.structured import GrammarCompiler, GrammarProcessor, MaskPass, compiler_for, token_bytes
 
 MAX_TOKENS = 300
 
@@ -176,17 +177,13 @@ def test_sentencepiece_vocabulary_bytes() -> None:
     assert GrammarCompiler(hf).eos_token_ids == (2,)
 
 
-def test_mixed_batch_constrained_rows_validate_and_free_rows_are_untouched(
-        tiny: tuple[Any, Any], compiler: GrammarCompiler) -> None:
-    model, tokenizer = tiny
-    width = model.args.vocab_size
+def mixed_rows(tokenizer: Any, compiler: GrammarCompiler, width: int
+               ) -> tuple[list[Row], dict[int, GrammarProcessor], dict[int, Any], list[int]]:
+    """16 rows: 12 constrained (every schema kind, greedy and sampled, some biased) and 4 free. Fresh
+    processors and samplers each call, so two runs see the same rows."""
     texts = ["Hello there", "The quick brown fox", "Give me JSON:", "In a hole in the ground"]
     prompts = [tokenizer.encode(t) for t in texts]
     bias = closer_bias(tokenizer, width)
-
-    def proc(spec: dict[str, Any]) -> GrammarProcessor:
-        return compiler.compile(spec).make_processor()
-
     schema = lambda s: {"kind": "json_schema", "schema": s}  # noqa: E731
     # (prompt, sampler, extra processors before the grammar, spec, check)
     constrained: list[tuple[int, Any, list[Any], dict[str, Any], Any]] = [
@@ -204,21 +201,55 @@ def test_mixed_batch_constrained_rows_validate_and_free_rows_are_untouched(
         (3, seeded_sampler(7), [], {"kind": "choice", "choices": CHOICES}, CHOICES),
     ]
     free_idx = [0, 5, 10, 15]
-    free_prompts = [prompts[i] + [7 + i] for i in range(4)]
     rows: list[Row] = []
     processors: dict[int, GrammarProcessor] = {}
     checks: dict[int, Any] = {}
     it = iter(constrained)
     for i in range(16):
         if i in free_idx:
-            rows.append((free_prompts[free_idx.index(i)], None, [], 24))
+            rows.append((prompts[free_idx.index(i)] + [7 + free_idx.index(i)], None, [], 24))
             continue
         p, sampler, extra, spec, check = next(it)
-        processors[i] = proc(spec)
+        processors[i] = compiler.compile(spec).make_processor()
         checks[i] = check
         rows.append((prompts[p], sampler, [*extra, processors[i]], MAX_TOKENS))
+    return rows, processors, checks, free_idx
 
-    results = run_batch(model, tokenizer, rows)
+
+def run_text_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[tuple[list[int], str]]:
+    """The same rows through the engine's ``TextBatch``, whose ``MaskPass`` masks all constrained rows at once."""
+    batch = TextBatch(model, sorted(tokenizer.eos_token_ids), max_batch_size=len(rows),
+                      prefill_batch_size=len(rows), prefill_step_size=512)
+    try:
+        uids = [batch.insert(r[0], r[3], r[1], r[2]) for r in rows]
+        out: dict[int, list[int]] = {u: [] for u in uids}
+        finished: dict[int, str] = {}
+        while len(finished) < len(uids):
+            for r in batch.step():
+                out[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    finished[r.uid] = r.finish_reason
+        return [(out[u], finished[u]) for u in uids]
+    finally:
+        batch.close()
+
+
+def test_mixed_batch_constrained_rows_validate_and_free_rows_are_untouched(
+        tiny: tuple[Any, Any], compiler: GrammarCompiler, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = tiny
+    width = model.args.vocab_size
+    passes: list[int] = []
+    run = MaskPass.run
+
+    def counted(self: MaskPass, logits: mx.array) -> None:
+        passes.append(len(self._rows) if self._tokens is not None else 0)
+        run(self, logits)
+
+    monkeypatch.setattr(MaskPass, "run", counted)
+    rows, processors, checks, free_idx = mixed_rows(tokenizer, compiler, width)
+    results = run_text_batch(model, tokenizer, rows)
+    # Most decode steps did all constrained rows' work in one pass, the rest of their calls found it done.
+    assert max(passes) == len(processors) and sum(1 for n in passes if n) > 20
 
     for i, (tokens, reason) in enumerate(results):
         if i in free_idx:
@@ -235,9 +266,11 @@ def test_mixed_batch_constrained_rows_validate_and_free_rows_are_untouched(
             jsonschema.validate(json.loads(out), check)
             jsonschema.validate(json.loads(out), close_objects(check))  # and no invented keys, at any depth
 
+    # Row by row (mlx-lm alone, each processor on its own) gives the same tokens, sampled rows included.
+    alone_rows, _, _, _ = mixed_rows(tokenizer, compiler, width)
+    assert run_batch(model, tokenizer, alone_rows) == results
     for i in free_idx:
-        alone = run_batch(model, tokenizer, [rows[i]])[0]
-        assert results[i] == alone, f"free row {i} changed by its constrained neighbours"
+        assert results[i] == run_batch(model, tokenizer, [rows[i]])[0], f"free row {i} changed by its neighbours"
         assert results[i][1] == "length"
 
 
@@ -352,20 +385,20 @@ def test_response_format_shapes() -> None:
 
 
 def test_gpu_mask_path_matches_the_cpu_one() -> None:
-    """The packed mask unpacked by MLX (used on GPUs) bans exactly what the numpy path bans, past the
-    mask's end included."""
-    from engine.structured import _bias, _masked_on_device
+    """The packed masks unpacked by MLX (used on GPUs) ban exactly what the numpy path bans, row by row,
+    past the masks' end included."""
+    from engine.structured import _mask_bias, _unpack_on_device, _unpack_with_numpy
 
     rng = np.random.default_rng(0)
     n_tokens, width = 1000, 1040  # logits wider than the vocabulary: the rest is never allowed
-    bitmask = rng.integers(-2**31, 2**31 - 1, size=(n_tokens + 31) // 32, dtype=np.int64).astype(np.int32)
-    logits = mx.array(rng.normal(size=(1, width)).astype(np.float32))
-    allowed = np.unpackbits(bitmask.view(np.uint8), count=width if width <= bitmask.size * 32 else None,
-                            bitorder="little")[:width]
-    expected = logits + _bias(allowed, width, logits.dtype)
-    got = _masked_on_device(logits, bitmask, width)
-    assert got.shape == (1, width)
-    assert np.array_equal(np.isinf(np.array(got)), np.isinf(np.array(expected)))
-    assert np.isinf(np.array(got))[0, bitmask.size * 32:].all() and 0 < np.isinf(np.array(got)).sum() < width
-    finite = ~np.isinf(np.array(expected))
-    assert np.array_equal(np.array(got)[finite], np.array(expected)[finite])
+    masks = rng.integers(-2**31, 2**31 - 1, size=(3, (n_tokens + 31) // 32), dtype=np.int64).astype(np.int32)
+    n = masks.shape[1] * 32
+    for dtype in (mx.float32, mx.bfloat16):
+        on_device, with_numpy = _unpack_on_device(masks, n, dtype), _unpack_with_numpy(masks, n, dtype)
+        assert on_device.dtype == with_numpy.dtype == dtype and on_device.shape == with_numpy.shape == (3, n)
+        assert mx.array_equal(on_device, with_numpy).item()
+    bias = np.array(_mask_bias(masks, width, mx.float32))
+    expected = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    assert bias.shape == (3, width) and np.isinf(bias[:, n:]).all()
+    assert np.array_equal(bias[:, :n] == 0, expected) and np.isinf(bias[:, :n][~expected]).all()
+    assert 0 < expected.sum() < expected.size
