@@ -33,11 +33,13 @@ def build_app(args: dict[str, Any]) -> Application:
     if config.with_router:
         routes = {"routes": [r.model_dump(mode="json") for r in config.routes]}
         router = router_deployment().options(user_config=routes).bind([m.name for m in config.models])
+    spread = {"max_replicas_per_node": config.ingress_max_replicas_per_node} if config.ingress_max_replicas_per_node else {}
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=4096,  # it only relays; admission control lives at the replicas
         ray_actor_options={"num_cpus": 0},
+        **spread,
     )
     ingress_config = config.model_dump(mode="json", exclude={"routes"})
     return ingress.bind(ingress_config, models, router) if router is not None else ingress.bind(ingress_config, models)

@@ -176,6 +176,10 @@ class AppConfig(BaseModel):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     ingress_replicas: int = Field(1, ge=1)
+    ingress_max_replicas_per_node: int | None = Field(
+        None, ge=1, description="With `proxy_location: EveryNode`, `ingress_replicas` = the number of Macs and 1 here "
+                                "give each Mac's HTTP proxy an ingress of its own (a proxy prefers its node's "
+                                "replicas), so no single Mac relays every token.")
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:

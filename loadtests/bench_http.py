@@ -115,8 +115,10 @@ def engine_phase(model_dir: Path, prompts: list[str], args: argparse.Namespace) 
 
 
 # -- HTTP clients (ours and mlx_lm.server speak the same OpenAI streaming protocol) ---------------------
-async def http_level(base: str, model: str, prompts: list[str], level: int, args: argparse.Namespace,
-                     bias: dict[str, float], label: str) -> dict[str, Any]:
+async def http_records(base: str, model: str, prompts: list[str], level: int, args: argparse.Namespace,
+                       bias: dict[str, float]) -> tuple[list[dict[str, Any]], float, float]:
+    """``level`` closed-loop streaming clients against ``base``: one record per request, and the
+    wall-clock (``time.time``) start and end, so groups run in several processes can be pooled."""
     import httpx
 
     pending = deque(range(level * args.requests_per_client))
@@ -151,9 +153,15 @@ async def http_level(base: str, model: str, prompts: list[str], level: int, args
                 rec["tokens"] = rec["tokens"] or chunks
                 recs.append(rec)
 
-        t0 = time.perf_counter()
+        t0 = time.time()
         await asyncio.gather(*[client() for _ in range(level)])
-        return summarize(label, level, time.perf_counter() - t0, recs)
+        return recs, t0, time.time()
+
+
+async def http_level(base: str, model: str, prompts: list[str], level: int, args: argparse.Namespace,
+                     bias: dict[str, float], label: str) -> dict[str, Any]:
+    recs, t0, t1 = await http_records(base, model, prompts, level, args, bias)
+    return summarize(label, level, t1 - t0, recs)
 
 
 def run_levels(base: str, model: str, prompts: list[str], args: argparse.Namespace, bias: dict[str, float],

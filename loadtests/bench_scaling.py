@@ -1,13 +1,23 @@
 """Replica scaling: aggregate tokens/s of two replicas on two hosts over one replica on one host.
 
-Starts ``--nodes`` Ray nodes on this machine with the product's own node tooling (``ray start
---block`` in process groups of their own, stopped at the end), each labelled ``host=node-<i>``. On a
-CUDA machine node i sees only GPU i (``CUDA_VISIBLE_DEVICES``) and offers one GPU, and each replica
-asks for one (``num_gpus: 1``), so every "host" is one GPU. Phase 1 deploys one replica pinned to
-node-1 and runs ``--clients`` closed-loop streaming clients; phase 2 deploys one replica on each of
-node-1 and node-2 (``max_replicas_per_node: 1``) and runs twice the clients. Both phases go through
-the same HTTP proxy and ingress replicas (``--ingress-replicas``), with the clients of
+Starts two Ray nodes on this machine with the product's own node tooling (``ray start --block`` in
+process groups of their own, stopped at the end), each labelled ``host=node-<i>``. On a CUDA machine
+node i sees only GPU i (``CUDA_VISIBLE_DEVICES``) and offers one GPU, and each replica asks for one
+(``num_gpus: 1``), so every "host" is one GPU.
+
+Each host is served as the product serves a fleet: an HTTP proxy on every node (``proxy_location:
+EveryNode``, as in ``config/*.yaml``) in front of its own ingress replica, with its own clients. Both
+nodes share this machine's address, so node-2's proxy binds a port of its own (Ray Serve's
+``RAY_SERVE_WORKER_PROXY_HTTP_PORT``, set in that node's environment). Phase 1 deploys one model
+replica, pinned to node-1, and runs ``--clients`` closed-loop streaming clients against node-1's
+proxy; phase 2 deploys one replica on each node (``max_replicas_per_node: 1``) and runs as many
+clients again against node-2's proxy, in a second client process. The clients are those of
 ``bench_http.py`` (``POST /v1/completions``, greedy, EOS suppressed). Ratio: ``two_replicas_vs_one``.
+With ``--engine-control`` it also runs the in-process engine on one GPU, then on both at once, for the
+machine's own ceiling (``engines_two_vs_one``): both "hosts" share one CPU and memory here.
+
+Through one proxy for both hosts (``--one-proxy``, this benchmark's first version), that proxy and
+one client process carry every token of both replicas.
 
     python loadtests/bench_scaling.py --model /tmp/m1b --json out.json   # on nvidia-h200-x2
     python loadtests/bench_scaling.py --quick                             # tiny model on CPU: checks the path only
@@ -17,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -29,7 +41,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtests.bench_http import eos_bias, free_port, http_level, wait_http  # noqa: E402
+from loadtests.bench_http import eos_bias, free_port, http_records, summarize, wait_http  # noqa: E402
 from loadtests.common import ensure_model, machine_info, make_prompts, print_table, reexec_with_openblas, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,9 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="a local mlx-lm model directory (default: the bench demo model)")
     p.add_argument("--model-dir", help="where the demo model is built/found")
     p.add_argument("--clients", type=int, help="streaming clients per replica (default 32; --quick 4)")
-    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--requests-per-client", type=int, help="requests per client and phase (default 8; --quick 3)")
     p.add_argument("--max-tokens", type=int, help="generated tokens per request (default 128; --quick 16)")
-    p.add_argument("--ingress-replicas", type=int, default=2)
+    p.add_argument("--ingress-replicas", type=int, default=2, help="ingress replicas (2: one per node)")
+    p.add_argument("--one-proxy", action="store_true", help="all clients through node-1's proxy (HeadOnly)")
+    p.add_argument("--engine-control", action="store_true",
+                   help="also run the in-process engine (bench_engine.py) on one GPU, then on two at once: this "
+                        "machine's own two-over-one ceiling, without Ray or HTTP")
     p.add_argument("--gpus", type=int, help="GPUs on this machine (default: what nvidia-smi lists); 0 runs on CPU")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--quick", action="store_true")
@@ -51,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.preset = "tiny" if a.quick else "bench"
     a.clients = a.clients or (4 if a.quick else 32)
+    a.requests_per_client = a.requests_per_client or (3 if a.quick else 8)
     a.max_tokens = a.max_tokens or (16 if a.quick else 128)
     return a
 
@@ -65,13 +82,14 @@ def count_gpus() -> int:
 class LocalNodes:
     """Two labelled Ray nodes on this machine, one GPU each when there are GPUs."""
 
-    def __init__(self, gpus: int) -> None:
+    def __init__(self, gpus: int, http_ports: list[int]) -> None:
         from ray._private.services import get_node_ip_address
 
         from cluster import nodes
 
         self.nodes = nodes
         self.gpus = gpus
+        self.http_ports = http_ports  # node i's HTTP proxy; the head's comes from serve.start's http_options
         self.temp = Path(tempfile.mkdtemp(prefix="mlxs-", dir="/tmp"))  # Ray's socket paths must stay short
         self.address = f"{get_node_ip_address()}:{free_port()}"
         self.records: list[Any] = []
@@ -91,6 +109,8 @@ class LocalNodes:
             if i == 0:
                 argv.insert(-1, "--include-dashboard=false")  # not needed here: one process less
             node_env = dict(env)
+            if i > 0:
+                node_env["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(self.http_ports[i])
             if self.gpus:
                 argv.insert(-1, "--num-gpus=1")
                 node_env["CUDA_VISIBLE_DEVICES"] = str(i)
@@ -113,10 +133,68 @@ class LocalNodes:
 
 
 def app_args(model_dir: Path, replicas: int, args: argparse.Namespace, gpus: int) -> dict[str, Any]:
-    return {"ingress_replicas": args.ingress_replicas, "models": [{
+    spread = {} if args.one_proxy else {"ingress_max_replicas_per_node": 1}  # each node's proxy has its own ingress
+    return {"ingress_replicas": args.ingress_replicas, **spread, "models": [{
         "name": "bench", "source": str(model_dir), "num_replicas": replicas, "hosts": ["node-1", "node-2"][:replicas],
         "max_replicas_per_node": 1, "num_cpus": 1, "num_gpus": 1 if gpus else 0,
-        "max_ongoing_requests": 4 * args.clients, "engine": {"max_batch_size": args.clients}}]}
+        # A replica takes what its batch holds; more requests wait at the handle for whichever replica
+        # frees a slot first, rather than in one replica's queue while the other has room.
+        "max_ongoing_requests": args.clients, "engine": {"max_batch_size": args.clients}}]}
+
+
+def ingress_hosts(cluster_hosts: dict[str, str]) -> list[str]:
+    """The hosts the ingress replicas run on (Serve spreads them; each proxy prefers its own node's).
+    Read from the GCS actor table: the state API would need the dashboard, which these nodes skip."""
+    from ray._private import state
+
+    actors = state.actors().values()
+    return sorted(cluster_hosts.get(a["Address"]["NodeID"], "?") for a in actors
+                  if a["State"] == "ALIVE" and a["ActorClassName"].endswith(":ingress"))
+
+
+def node_hosts() -> dict[str, str]:
+    import ray
+
+    return {n["NodeID"]: (n.get("Labels") or {}).get("host", "?") for n in ray.nodes() if n.get("Alive")}
+
+
+def _client_group(base: str, prompts: list[str], clients: int, args: dict[str, Any],
+                  bias: dict[str, float]) -> tuple[list[dict[str, Any]], float, float]:
+    return asyncio.run(http_records(base, "bench", prompts, clients, argparse.Namespace(**args), bias))
+
+
+def load(bases: list[str], prompts: list[str], clients: int, args: argparse.Namespace, bias: dict[str, float],
+         label: str) -> dict[str, Any]:
+    """``clients`` closed-loop clients against each of ``bases``, one process per base (a single asyncio
+    loop parsing every SSE event of two replicas would be the bottleneck), pooled into one result."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(bases), mp_context=multiprocessing.get_context("spawn")) as pool:
+        groups = [pool.submit(_client_group, b, prompts, clients, vars(args), bias) for b in bases]
+        parts = [g.result() for g in groups]
+    recs = [r for p in parts for r in p[0]]
+    return summarize(label, clients * len(bases), max(p[2] for p in parts) - min(p[1] for p in parts), recs)
+
+
+def engine_control(model_dir: Path, args: argparse.Namespace, gpus: int) -> dict[str, Any]:
+    """``bench_engine.py``'s engine path at ``--clients`` on node 1's GPU alone, then one process per GPU
+    at once. Both "hosts" share this machine's CPUs and memory, which two Macs would not: this is the
+    scaling the machine itself allows, to read ``two_replicas_vs_one`` against."""
+    cmd = [sys.executable, str(REPO / "loadtests" / "bench_engine.py"), "--model", str(model_dir), "--paths", "engine",
+           "--concurrency", str(args.clients), "--max-tokens", str(args.max_tokens), "--waves", "4", "--no-openblas"]
+
+    def run(devices: list[int]) -> list[float]:
+        with tempfile.TemporaryDirectory() as d:
+            procs = [subprocess.Popen([*cmd, "--json", f"{d}/{i}.json"], stdout=subprocess.DEVNULL,
+                                      env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(i)} if gpus else {})})
+                     for i in devices]
+            if any(p.wait() for p in procs):
+                raise RuntimeError("bench_engine.py failed in the engine control")
+            return [json.loads(Path(f"{d}/{i}.json").read_text())["results"]["engine"][str(args.clients)]["tokens_per_s"] for i in devices]
+
+    alone, pair = run([0]), run([0, 1])
+    print(f"-- engine control: one GPU {alone[0]:.1f} tok/s; two at once {' + '.join(f'{t:.1f}' for t in pair)}", flush=True)
+    return {"alone_tokens_per_s": alone[0], "pair_tokens_per_s": pair, "engines_two_vs_one": sum(pair) / alone[0]}
 
 
 def replica_hosts(app: str, replicas: int) -> list[str]:
@@ -151,28 +229,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from deployments.app import build_app
 
-    cluster = LocalNodes(gpus)
+    ports = [free_port(), free_port()]
+    cluster = LocalNodes(gpus, ports)
     results: list[dict[str, Any]] = []
     placements: dict[int, list[str]] = {}
+    ingress: dict[int, list[str]] = {}
     try:
         cluster.start()
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        port = free_port()
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
-                    logging_config={"log_level": "WARNING"})
-        base = f"http://127.0.0.1:{port}"
+        serve.start(proxy_location="HeadOnly" if args.one_proxy else "EveryNode",
+                    http_options={"host": "127.0.0.1", "port": ports[0]}, logging_config={"log_level": "WARNING"})
+        bases = [f"http://127.0.0.1:{p}" for p in ports]
         for replicas in (1, 2):
             t = time.perf_counter()
             serve.run(build_app(app_args(model_dir, replicas, args, gpus)), name="scale", route_prefix="/")
-            wait_http(base + "/ready", 600)
+            used = bases[:1] if args.one_proxy else bases[:replicas]
+            for base in used:
+                wait_http(base + "/ready", 600)
             placements[replicas] = replica_hosts("scale", replicas)
-            print(f"-- {replicas} replica(s) on {placements[replicas]} (up in {time.perf_counter() - t:.0f}s)", flush=True)
-            clients = args.clients * replicas
-            asyncio.run(http_level(base, "bench", prompts, clients, _level_args(args, 1), bias, "warmup"))
-            r = asyncio.run(http_level(base, "bench", prompts, clients, args, bias, f"{replicas} replica(s)"))
+            ingress[replicas] = ingress_hosts(node_hosts())
+            print(f"-- {replicas} replica(s) on {placements[replicas]}, ingress on {ingress[replicas]}, "
+                  f"clients via {used} (up in {time.perf_counter() - t:.0f}s)", flush=True)
+            clients = args.clients * replicas // len(used)
+            load(used, prompts, clients, _level_args(args, 1), bias, "warmup")
+            r = load(used, prompts, clients, args, bias, f"{replicas} replica(s)")
             r["replicas"] = replicas
             results.append(r)
-            print(f"   {clients} clients: {r['tokens_per_s']:.1f} tok/s, errors {r['errors']}", flush=True)
+            print(f"   {r['concurrency']} clients: {r['tokens_per_s']:.1f} tok/s, errors {r['errors']}", flush=True)
             serve.delete("scale")
     finally:
         serve.shutdown()
@@ -182,16 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["replicas", "hosts", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "requests", "errors"],
                 [(r["replicas"], ",".join(placements[r["replicas"]]), r["concurrency"], r["tokens_per_s"],
                   r["ttft_p50_ms"], r["ttft_p99_ms"], r["requests"], r["errors"]) for r in results])
+    control = engine_control(model_dir, args, gpus) if args.engine_control else None
     ratios = {"two_replicas_vs_one": results[1]["tokens_per_s"] / results[0]["tokens_per_s"]}
+    if control is not None:
+        ratios["engines_two_vs_one"] = control["engines_two_vs_one"]
     for k, v in ratios.items():
-        print(f"{k}: {v:.2f} (target >= {TARGETS[k]}: {'met' if v >= TARGETS[k] else 'NOT met'})")
+        target = f" (target >= {TARGETS[k]}: {'met' if v >= TARGETS[k] else 'NOT met'})" if k in TARGETS else " (no Ray, no HTTP)"
+        print(f"{k}: {v:.2f}{target}")
     if args.json:
         write_json(args.json, {
             "benchmark": "bench_scaling", "machine": machine_info(), "model": str(model_dir),
             "settings": {"gpus": gpus, "clients_per_replica": args.clients, "requests_per_client": args.requests_per_client,
                          "max_tokens": args.max_tokens, "ingress_replicas": args.ingress_replicas,
-                         "placements": {str(k): v for k, v in placements.items()}},
-            "results": results, "ratios": ratios,
+                         "proxies": "one (HeadOnly)" if args.one_proxy else "one per node, each with its own client process",
+                         "placements": {str(k): v for k, v in placements.items()},
+                         "ingress_placements": {str(k): v for k, v in ingress.items()}},
+            "results": results, "engine_control": control, "ratios": ratios,
             "targets": {k: {"target": t, "met": ratios[k] >= t} for k, t in TARGETS.items()}})
     return 0
 

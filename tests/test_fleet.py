@@ -25,7 +25,8 @@ from cluster import nodes, pins
 from cluster.cli import main
 from cluster.inventory import load_fleet, parse_fleet
 from cluster.placement import plan
-from deployments.config import ModelDeploymentConfig
+from deployments.app import build_app
+from deployments.config import AppConfig, ModelDeploymentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "config" / "fleet.example.yaml"
@@ -74,6 +75,16 @@ def test_deployment_config_turns_pins_into_ray_options() -> None:
                      ({"max_replicas_per_node": 0}, "greater than")]:
         with pytest.raises(ValueError, match=msg):
             ModelDeploymentConfig(name="m", source="x", **bad)
+
+
+def test_ingress_spreads_one_per_node_when_asked() -> None:
+    models = [{"name": "m", "source": "demo:tiny"}]
+    ingress = build_app({"models": models, "ingress_replicas": 2, "ingress_max_replicas_per_node": 1})._bound_deployment
+    assert (ingress.name, ingress._deployment_config.num_replicas) == ("ingress", 2)
+    assert ingress._replica_config.max_replicas_per_node == 1
+    assert build_app({"models": models})._bound_deployment._replica_config.max_replicas_per_node is None
+    with pytest.raises(ValueError, match="greater than"):
+        AppConfig.model_validate({"models": models, "ingress_max_replicas_per_node": 0})
 
 
 def test_plan_becomes_exact_pins_with_failover(tmp_path: Path) -> None:
