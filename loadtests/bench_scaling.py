@@ -143,7 +143,7 @@ def app_args(model_dir: Path, replicas: int, args: argparse.Namespace, gpus: int
 
 
 def ingress_hosts(cluster_hosts: dict[str, str]) -> list[str]:
-    """The hosts the ingress replicas run on (Serve spreads them; each proxy prefers its own node's).
+    """The hosts the ingress replicas run on (each proxy prefers its own node's replicas).
     Read from the GCS actor table: the state API would need the dashboard, which these nodes skip."""
     from ray._private import state
 
@@ -188,7 +188,7 @@ def engine_control(model_dir: Path, args: argparse.Namespace, gpus: int) -> dict
             procs = [subprocess.Popen([*cmd, "--json", f"{d}/{i}.json"], stdout=subprocess.DEVNULL,
                                       env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(i)} if gpus else {})})
                      for i in devices]
-            if any(p.wait() for p in procs):
+            if any([p.wait() for p in procs]):  # wait for every one, even after a failure
                 raise RuntimeError("bench_engine.py failed in the engine control")
             return [json.loads(Path(f"{d}/{i}.json").read_text())["results"]["engine"][str(args.clients)]["tokens_per_s"] for i in devices]
 

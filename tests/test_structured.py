@@ -120,16 +120,21 @@ def run_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[tuple[list[in
     try:
         uids = gen.insert([r[0] for r in rows], max_tokens=[r[3] for r in rows],
                           samplers=[r[1] for r in rows], logits_processors=[r[2] for r in rows])
-        out: dict[int, list[int]] = {u: [] for u in uids}
-        finished: dict[int, str] = {}
-        while len(finished) < len(uids):
-            for resp in gen.next_generated():
-                out[resp.uid].append(resp.token)
-                if resp.finish_reason is not None:
-                    finished[resp.uid] = resp.finish_reason
-        return [(out[u], finished[u]) for u in uids]
+        return drain(uids, gen.next_generated)
     finally:
         gen.close()
+
+
+def drain(uids: list[int], step: Callable[[], Any]) -> list[tuple[list[int], str]]:
+    """Step until every sequence finished; (tokens, finish_reason) per uid, in order."""
+    out: dict[int, list[int]] = {u: [] for u in uids}
+    finished: dict[int, str] = {}
+    while len(finished) < len(uids):
+        for r in step():
+            out[r.uid].append(r.token)
+            if r.finish_reason is not None:
+                finished[r.uid] = r.finish_reason
+    return [(out[u], finished[u]) for u in uids]
 
 
 def text_of(tokenizer: Any, tokens: list[int]) -> str:
@@ -221,15 +226,7 @@ def run_text_batch(model: Any, tokenizer: Any, rows: list[Row]) -> list[tuple[li
     batch = TextBatch(model, sorted(tokenizer.eos_token_ids), max_batch_size=len(rows),
                       prefill_batch_size=len(rows), prefill_step_size=512)
     try:
-        uids = [batch.insert(r[0], r[3], r[1], r[2]) for r in rows]
-        out: dict[int, list[int]] = {u: [] for u in uids}
-        finished: dict[int, str] = {}
-        while len(finished) < len(uids):
-            for r in batch.step():
-                out[r.uid].append(r.token)
-                if r.finish_reason is not None:
-                    finished[r.uid] = r.finish_reason
-        return [(out[u], finished[u]) for u in uids]
+        return drain([batch.insert(r[0], r[3], r[1], r[2]) for r in rows], batch.step)
     finally:
         batch.close()
 
