@@ -193,7 +193,7 @@ def engine_control(model_dir: Path, args: argparse.Namespace, gpus: int) -> dict
             return [json.loads(Path(f"{d}/{i}.json").read_text())["results"]["engine"][str(args.clients)]["tokens_per_s"] for i in devices]
 
     alone, pair = run([0]), run([0, 1])
-    print(f"-- engine control: one GPU {alone[0]:.1f} tok/s; two at once {' + '.join(f'{t:.1f}' for t in pair)}", flush=True)
+    print(f"-- engine control: alone {alone[0]:.1f} tok/s; two at once {' + '.join(f'{t:.1f}' for t in pair)}", flush=True)
     return {"alone_tokens_per_s": alone[0], "pair_tokens_per_s": pair, "engines_two_vs_one": sum(pair) / alone[0]}
 
 
