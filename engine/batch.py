@@ -54,7 +54,7 @@ class TextBatch:
             all_tokens=[list(cached_tokens)] if cached_tokens else None,
         )
         self._live.add(uid)
-        if any(isinstance(p, GrammarProcessor) for p in processors):
+        if any(isinstance(getattr(p, "inner", p), GrammarProcessor) for p in processors):
             self._constrained.add(uid)
         return uid
 

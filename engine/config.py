@@ -31,6 +31,10 @@ class EngineConfig(BaseModel):
         0.25, gt=0.0, lt=1.0,
         description="Most of the GPU thread's time the speculative lane takes while batched requests decode: "
                     "bounds what speculative requests cost the batch (0.25: it keeps at least three quarters of its speed).")
+    prepare_workers: int = Field(
+        4, ge=1, le=64, description="Threads that prepare requests (tokenize, chat template, images, grammar "
+                                    "compile) off the event loop.")
+    prepare_queue: int = Field(64, ge=0, description="Requests waiting for a preparation thread before 429.")
     stream_buffer_items: int = Field(8, ge=1, description="Chunks buffered per stream before coalescing.")
     stall_timeout_s: float = Field(120.0, gt=0, description="A consumer that reads nothing this long is cut off.")
     stuck_after_s: float = Field(120.0, gt=0, description="Health fails when work waits and the GPU thread has not ticked this long.")

@@ -1,7 +1,8 @@
 """The ``Engine`` facade: what a replica (or any process) uses to serve models.
 
-Validation, tokenization and processor construction happen on the caller's thread, so a bad request
-fails before it reaches the GPU thread; only validated sequences are handed to the scheduler.
+Validation, tokenization, chat templates, images and grammar compiles run on a bounded pool of
+preparation threads (``BoundedPool``: 429 when full), so a bad request fails before it reaches the
+GPU thread and the caller's event loop only relays; only validated sequences reach the scheduler.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -20,11 +21,14 @@ from .errors import (
 )
 from .models import LoadedModel
 from .observer import EngineObserver
+from .pool import BoundedPool
 from .request import ChatMessage, GenerationChunk, GenerationRequest, ImagePart, ModelInfo
-from .sampling import make_processors, make_sampler
+from .sampling import RowGuard, make_processors, make_sampler
 from .scheduler import GpuScheduler, Sequence
 from .streams import StreamRegistry, Waker
 from .vision import prepare_vision_inputs
+
+T = TypeVar("T")
 
 
 class EngineHealth(BaseModel):
@@ -51,6 +55,20 @@ class Engine:
         self._loading: dict[str, Future] = {}
         self._load_lock = threading.Lock()
         self._accepting = True
+        self._prepare = BoundedPool(self.config.prepare_workers, self.config.prepare_queue)
+
+    def on_death(self, listener: Callable[[BaseException], None]) -> None:
+        """Call ``listener`` the moment the GPU thread dies (from that thread): a replica uses it to
+        take itself out of service at once instead of at its next health check."""
+        self._scheduler.on_death(listener)
+
+    def crash_gpu_thread(self) -> None:
+        """Fault drills only: kill the GPU thread the way an MLX abort would, between two steps."""
+        self._scheduler.post("crash")
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on a preparation thread (429 when they are all taken)."""
+        return await asyncio.wrap_future(self._prepare.submit(fn, *args))
 
     # -- models ---------------------------------------------------------------------------------
     async def load_model(self, name: str, source: str, draft_source: str | None = None) -> ModelInfo:
@@ -65,11 +83,14 @@ class Engine:
     def _load_future(self, name: str, source: str, draft_source: str | None) -> Future:
         with self._load_lock:
             fut = self._loading.get(name)
-            if fut is None:
-                fut = self._scheduler.call(lambda: self._scheduler.load(name, source, draft_source))
-                self._loading[name] = fut
-                fut.add_done_callback(lambda _f: self._forget_load(name, _f))
-            return fut
+            if fut is not None:
+                return fut
+            fut = self._scheduler.call(lambda: self._scheduler.load(name, source, draft_source))
+            self._loading[name] = fut
+        # Outside the lock: a future already done (a dead engine fails it at once) runs the callback
+        # right here, and the callback takes the lock.
+        fut.add_done_callback(lambda _f: self._forget_load(name, _f))
+        return fut
 
     def _forget_load(self, name: str, fut: Future) -> None:
         with self._load_lock:
@@ -101,9 +122,7 @@ class Engine:
 
     def detokenize(self, model: str, token_ids: list[int]) -> str:
         m = self._model(model)
-        bad = [t for t in token_ids if not 0 <= t < m.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary (size {m.vocab_size})", param="tokens")
+        _check_ids(token_ids, m.token_limit, "tokens")
         return m.tokenizer.decode(token_ids)
 
     def _render_chat(self, m: LoadedModel, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
@@ -123,7 +142,7 @@ class Engine:
         if not self._accepting:
             raise NotReadyError("engine is shutting down")
         if not self._scheduler.alive:
-            raise EngineFailureError(f"engine is dead: {self._scheduler.dead!r}")
+            raise EngineFailureError("the engine's GPU thread died", code="engine_dead")
         m = self._model(request.model)
         p = request.sampling
         vision = None
@@ -138,14 +157,15 @@ class Engine:
             prompt = list(request.prompt_token_ids or [])
         if not prompt:
             raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
-        if max(prompt) >= m.vocab_size:
-            raise InvalidRequestError(f"prompt token id {max(prompt)} is outside the vocabulary (size {m.vocab_size})", param="prompt")
+        _check_ids(prompt, m.token_limit, "prompt")
         if len(prompt) + p.max_tokens > m.context_length:
             raise InvalidRequestError(
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({p.max_tokens}) exceeds the model's context of {m.context_length} tokens",
                 param="max_tokens", code="context_length_exceeded")
-        if p.logit_bias and max(p.logit_bias) >= m.vocab_size:
-            raise InvalidRequestError(f"logit_bias token id {max(p.logit_bias)} is outside the vocabulary", param="logit_bias")
+        if p.logit_bias:
+            _check_ids(list(p.logit_bias), m.token_limit, "logit_bias")
+        if p.top_k >= m.vocab_size:  # keeping every token is what a top_k past the vocabulary means
+            p = p.model_copy(update={"top_k": 0})
         processors = make_processors(p)
         spec = None
         if request.response_format is not None:  # compiled here, off the GPU thread: a bad schema is a 400 now
@@ -163,9 +183,11 @@ class Engine:
                 raise InvalidRequestError(f"num_draft_tokens may be at most {self.config.max_draft_tokens}",
                                           param="num_draft_tokens")
             num_draft = wanted
+        guard = RowGuard()  # this request's sampler and processors fail it alone, not its batch
         stream = self._registry.open(request.request_id, stream_loop)
-        return Sequence(request=request, prompt=prompt, stream=stream, sampler=make_sampler(p),
-                        processors=processors, deadline=deadline, num_draft=num_draft, vision=vision)
+        return Sequence(request=request, prompt=prompt, stream=stream, sampler=guard.sampler(make_sampler(p)),
+                        processors=[guard.processor(f) for f in processors], deadline=deadline,
+                        num_draft=num_draft, vision=vision, guard=guard)
 
     async def generate(self, request: GenerationRequest | dict[str, Any]) -> AsyncIterator[GenerationChunk]:
         """Stream a request's output; closing the iterator cancels the generation."""
@@ -174,7 +196,13 @@ class Engine:
                 request = GenerationRequest.model_validate(request)
             except ValidationError as e:
                 raise InvalidRequestError(_first_error(e)) from e
-        seq = self.prepare(request, asyncio.get_running_loop())
+        rid = request.request_id
+        prepared = self._prepare.submit(self.prepare, request, asyncio.get_running_loop())
+        try:
+            seq = await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:  # the caller left while a worker prepared: drop what it opens
+            prepared.add_done_callback(lambda f: self._registry.close(rid) if _succeeded(f) else None)
+            raise
         self._scheduler.submit(seq)
         try:
             while True:
@@ -220,6 +248,20 @@ class Engine:
         while len(self._registry) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self._scheduler.stop)
+        self._prepare.shutdown()
+
+
+def _check_ids(ids: list[int], limit: int, param: str) -> None:
+    """Token ids a client sends must name tokens of the tokenizer (a padded embedding is wider)."""
+    low, high = min(ids), max(ids)
+    if low < 0 or high >= limit:
+        bad = low if low < 0 else high
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {limit})", param=param,
+                                  code="token_id_out_of_range")
+
+
+def _succeeded(f: Future) -> bool:
+    return not f.cancelled() and f.exception() is None
 
 
 def _first_error(e: ValidationError) -> str:

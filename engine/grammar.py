@@ -17,16 +17,24 @@ import copy
 import json
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from llguidance import LLMatcher, LLTokenizer, regex_to_lark
+from llguidance import LLMatcher, LLParserLimits, LLTokenizer, regex_to_lark
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidRequestError
+from .request import MAX_CHOICE_CHARS, MAX_CHOICES
 
 StructuredKind = Literal["json_object", "json_schema", "regex", "choice"]
 
 PARAM = "response_format"
+
+# A grammar is client input compiled on a worker thread: its size is bounded here and its
+# complexity by llguidance's own fuel and size limits (the defaults bound a compile to tens of
+# milliseconds). Errors name the limit, never echo the grammar.
+MAX_GRAMMAR_BYTES = 1 << 20
+LIMITS = LLParserLimits(verbose_errors=False)
+_LIMIT_WORDS = ("too big", "too complex", "limit", "fuel")
 
 # Applied after the schema's own "x-guidance", so a client cannot turn runaway whitespace back on.
 JSON_OPTIONS: dict[str, Any] = {
@@ -52,7 +60,7 @@ class StructuredSpec(BaseModel):
     name: str | None = None
     strict: bool | None = None
     pattern: str | None = None
-    choices: list[str] | None = None
+    choices: list[Annotated[str, Field(max_length=MAX_CHOICE_CHARS)]] | None = Field(None, max_length=MAX_CHOICES)
 
     @model_validator(mode="after")
     def _fields_match_kind(self) -> StructuredSpec:
@@ -178,18 +186,28 @@ def _tokenizer_for_checks() -> LLTokenizer:
 
 def check_grammar(grammar: str, tokenizer: LLTokenizer | None = None) -> LLMatcher:
     """Compile ``grammar`` and return a fresh matcher, or raise ``InvalidRequestError`` with
-    llguidance's reason (invalid types, unimplemented keywords, bad regexes, unsatisfiable bounds).
+    llguidance's reason (invalid types, unimplemented keywords, bad regexes, unsatisfiable bounds;
+    code ``grammar_too_complex`` when a size or fuel limit was hit).
 
     A matcher is built because ``validate_grammar`` alone misses unsatisfiable schemas.
     """
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequestError(f"response_format compiles to a grammar of {len(grammar):,} bytes, over the limit "
+                                  f"of {MAX_GRAMMAR_BYTES:,}", param=PARAM, code="grammar_too_complex")
     tok = tokenizer or _tokenizer_for_checks()
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tok)
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tok, limits=LIMITS)
     if is_error:
-        raise InvalidRequestError(f"invalid response_format: {_first_line(messages[0])}", param=PARAM)
-    matcher = LLMatcher(tok, grammar, log_level=0)
+        raise _grammar_error(messages[0])
+    matcher = LLMatcher(tok, grammar, log_level=0, limits=LIMITS)
     if matcher.is_error():
-        raise InvalidRequestError(f"invalid response_format: {_first_line(matcher.get_error())}", param=PARAM)
+        raise _grammar_error(matcher.get_error())
     return matcher
+
+
+def _grammar_error(message: str) -> InvalidRequestError:
+    reason = _first_line(message)
+    code = "grammar_too_complex" if any(w in reason.lower() for w in _LIMIT_WORDS) else None
+    return InvalidRequestError(f"invalid response_format: {reason}", param=PARAM, code=code)
 
 
 def _first_line(message: str) -> str:

@@ -11,6 +11,7 @@ import importlib.util
 import heapq
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,11 @@ class LoadedModel:
     waiting: list = field(default_factory=list)  # heap of scheduler.Sequence
     running: dict[int, Any] = field(default_factory=dict)  # batch uid -> scheduler.Sequence
     lane_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # GPU time: [batch, speculative]
+
+    @cached_property
+    def token_limit(self) -> int:
+        """Ids a client may name: tokens of the tokenizer (real checkpoints pad the embedding wider)."""
+        return min(self.vocab_size, len(self.tokenizer))
 
     @property
     def busy(self) -> bool:

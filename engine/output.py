@@ -76,13 +76,19 @@ class SequenceOutput:
 
 
 def _longest_stop_prefix_suffix(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
+    """Length of the longest tail of ``text`` that is a proper prefix of some stop string.
+
+    Runs on the GPU thread for every token: only the places where a stop string's first character
+    occurs are tried, each with one C-level comparison, so a long stop string costs no quadratic loop.
+    """
     best = 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
+        i = text.find(s[0], max(0, len(text) - len(s) + 1))
+        while i != -1 and len(text) - i > best:
+            if s.startswith(text[i:]):  # the earliest match is the longest tail
+                best = len(text) - i
                 break
+            i = text.find(s[0], i + 1)
     return best
 
 

@@ -6,6 +6,7 @@ layer builds these from OpenAI bodies, so its 400s and the engine's agree.
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any, Literal
 
@@ -13,6 +14,43 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Priority = Literal["interactive", "batch"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+# What one request may ask for, declared once: the engine's models and the HTTP bodies both use these.
+MAX_NEW_TOKENS = 1_000_000
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # any int64, as OpenAI's and vLLM's APIs take
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string (the matcher holds back up to this much text)
+MAX_MESSAGES = 2048
+MAX_TOKEN_IDS = 1_048_576  # token lists: completion prompts, /detokenize
+MAX_LOGIT_BIAS = 1024
+MAX_CHOICES = 256  # guided_choice alternatives
+MAX_CHOICE_CHARS = 1024
+MAX_JSON_DEPTH = 64  # nesting of any JSON value a client sends (schemas, extra message fields)
+MAX_CACHE_SALT_CHARS = 256
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON-like value (a scalar is 0, ``[]`` is 1), without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, (list, tuple)):
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+        if depth + 1 > MAX_JSON_DEPTH:  # deep enough to refuse: stop walking
+            return depth + 1
+        stack.extend((child, depth + 1) for child in node)
+    return deepest
+
+
+def check_depth(value: Any, what: str) -> Any:
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 class TextPart(BaseModel):
@@ -39,6 +77,11 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
+    @model_validator(mode="after")
+    def _shallow_extras(self) -> ChatMessage:
+        check_depth(self.model_extra or {}, "a message field")
+        return self
+
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
@@ -50,32 +93,33 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(256, ge=1, le=1_000_000)
+    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, description="0 turns it off; any size is accepted (the engine clamps it to the vocabulary).")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)
 
     @field_validator("logit_bias")
     @classmethod
     def _bias_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        """Ids are checked against the model's tokenizer when the engine prepares the request."""
         if v is None:
             return v
-        if len(v) > 1024:
-            raise ValueError("logit_bias may name at most 1024 tokens")
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens")
         for tok, bias in v.items():
             if tok < 0:
                 raise ValueError(f"logit_bias token id {tok} is negative")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias value {bias} for token {tok} is outside [-100, 100]")
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias value {bias} for token {tok} is not a number in [-100, 100]")
         return v
 
     @field_validator("stop", mode="before")
@@ -89,9 +133,11 @@ class SamplingParams(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_nonempty(cls, v: list[str]) -> list[str]:
+    def _stop_sizes(cls, v: list[str]) -> list[str]:
         if any(not s for s in v):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in v):
+            raise ValueError(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
         return v
 
     @property
@@ -106,8 +152,8 @@ class GenerationRequest(BaseModel):
 
     model: str = Field(min_length=1)
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    messages: list[ChatMessage] | None = None
+    prompt_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_IDS)
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     priority: Priority = "interactive"
     timeout_s: float | None = Field(None, gt=0.0)
@@ -116,6 +162,15 @@ class GenerationRequest(BaseModel):
         None, ge=0, le=64, description="Speculative decoding: draft tokens per step (0 turns it off for this request).")
     # Structured output (see engine.structured); kept opaque here so this module stays light.
     response_format: dict[str, Any] | None = None
+    cache_scope: str = Field(
+        "", max_length=2 * MAX_CACHE_SALT_CHARS,
+        description="Prefix-cache entries are shared only among requests of one scope (the ingress sets it "
+                    "per API key and cache_salt), so cached_tokens and TTFT reveal nothing across tenants.")
+
+    @field_validator("response_format")
+    @classmethod
+    def _shallow_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_depth(v, "response_format") if v is not None else v
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerationRequest:

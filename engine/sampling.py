@@ -60,3 +60,41 @@ def make_processors(params: SamplingParams) -> list[LogitsProcessor]:
         presence_penalty=params.presence_penalty or None,
         frequency_penalty=params.frequency_penalty or None,
     )
+
+
+class RowGuard:
+    """Keeps one sequence's failing sampler or logits processor from failing its batch mates.
+
+    mlx-lm calls every row's sampler and processors inside one batch step, so an exception there
+    would fail the whole step. Wrapped, the row's error is recorded and the row gets a harmless value
+    (its logits unchanged, the argmax token); the scheduler then ends that sequence alone.
+    """
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def sampler(self, fn: Sampler | None) -> Sampler | None:
+        if fn is None:
+            return None  # greedy rows keep mlx-lm's single batched argmax
+
+        def guarded(logprobs: mx.array) -> mx.array:
+            if self.error is None:
+                try:
+                    return fn(logprobs)
+                except Exception as e:  # noqa: BLE001 - recorded, this row ends after the step
+                    self.error = e
+            return mx.argmax(logprobs, axis=-1)
+
+        return guarded
+
+    def processor(self, fn: LogitsProcessor) -> LogitsProcessor:
+        def guarded(tokens: mx.array, logits: mx.array) -> mx.array:
+            if self.error is None:
+                try:
+                    return fn(tokens, logits)
+                except Exception as e:  # noqa: BLE001
+                    self.error = e
+            return logits
+
+        guarded.inner = fn  # type: ignore[attr-defined]  # the batch finds grammar processors through it
+        return guarded

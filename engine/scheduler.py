@@ -4,8 +4,14 @@ MLX streams are bound to the thread that created them, so loading, prefill, deco
 happen here. Callers talk to it through a thread-safe inbox; results leave through the stream
 registry. Each loop turn: take commands, drop expired or abandoned work, then for every model with
 work admit waiting requests (interactive before batch, earlier deadline first) into its continuous
-batch and run one step. A step that raises fails only that model's batch; anything escaping the
-loop kills the thread, and every waiter is told.
+batch and run one step.
+
+Failures stay as small as they can: an error while handling one sequence (enqueue, expire, admit,
+its sampler or logits processors inside a step, delivering or detokenizing its token) ends that
+sequence alone, with an error event, and its batch mates carry on; a step that raises fails only
+that model's batch; anything escaping the loop kills the thread, every waiter is told (requests not
+yet started with ``engine_dead``, which the ingress retries on another replica) and the death
+listeners are called at once.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from .speculative import SpeculativeRun
 from .streams import Waker
 from .vision import VisionInputs, load_vision_model, warmup_vision
 from .request import GenerationChunk, GenerationRequest, Usage
-from .sampling import LogitsProcessor, Sampler
+from .sampling import LogitsProcessor, RowGuard, Sampler
 from .streams import RequestStream
 
 log = logging.getLogger("mlx_serving.engine")
@@ -64,6 +70,7 @@ class Sequence:
     num_draft: int = 0  # > 0: speculative decoding with the model's draft
     spec: SpeculativeRun | None = None
     vision: VisionInputs | None = None  # images and rendered prompt, for vision models
+    guard: RowGuard = field(default_factory=RowGuard)  # this row's sampler / processor errors
 
     def __lt__(self, other: Sequence) -> bool:
         return self._key() < other._key()
@@ -74,6 +81,10 @@ class Sequence:
 
 class _Stop(BaseException):
     """Posted to end the loop cleanly."""
+
+
+class GpuThreadCrash(BaseException):
+    """Raised by a fault drill to kill the GPU thread (``Engine.crash_gpu_thread``)."""
 
 
 def _speculative(seq: Sequence, m: LoadedModel) -> bool:
@@ -92,6 +103,7 @@ class GpuScheduler:
         self.cancelled_total = 0  # sequences dropped because their consumer went away
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
+        self._death_listeners: list[Callable[[BaseException], None]] = []
         self.observer = observer or EngineObserver()
         self._thread = threading.Thread(target=self._run, name="mlx-gpu-scheduler", daemon=True)
         self._thread.start()
@@ -111,7 +123,13 @@ class GpuScheduler:
     def submit(self, seq: Sequence) -> None:
         self.post("submit", seq)
         if self.dead is not None:
-            seq.stream.push(EngineFailureError(f"engine is dead: {self.dead!r}"))
+            seq.stream.push(EngineFailureError("the engine's GPU thread died", code="engine_dead"))
+
+    def on_death(self, listener: Callable[[BaseException], None]) -> None:
+        """Call ``listener`` (on the dying thread) the moment the loop dies; at once if it already has."""
+        self._death_listeners.append(listener)
+        if self.dead is not None:
+            listener(self.dead)
 
     @property
     def alive(self) -> bool:
@@ -139,7 +157,12 @@ class GpuScheduler:
         except BaseException as e:  # noqa: BLE001 - whatever killed the loop, every waiter must hear
             log.exception("GPU scheduler thread died")
             self.dead = e
-            self._fail_all(EngineFailureError(f"engine GPU thread died: {e!r}"))
+            self._fail_all(EngineFailureError("the engine's GPU thread died", code="engine_dead"))
+            for listener in self._death_listeners:
+                try:
+                    listener(e)
+                except Exception:  # noqa: BLE001
+                    log.exception("engine death listener failed")
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -155,9 +178,17 @@ class GpuScheduler:
 
     def _handle(self, cmd: str, payload: Any) -> None:
         if cmd == "submit":
-            self._enqueue(payload)
+            try:
+                self._enqueue(payload)
+            except Exception as e:  # noqa: BLE001 - this request only
+                self._fail_seq(self.models.get(payload.request.model), payload, e, "enqueue")
         elif cmd == "cancel":
-            self._cancel(payload)
+            seq = self._by_request.get(payload)
+            try:
+                self._cancel(payload)
+            except Exception as e:  # noqa: BLE001
+                if seq is not None:
+                    self._fail_seq(self.models.get(seq.request.model), seq, e, "cancel")
         elif cmd == "call":
             fn, fut = payload
             if fut.set_running_or_notify_cancel():
@@ -167,6 +198,8 @@ class GpuScheduler:
                     fut.set_exception(e)
         elif cmd == "stop":
             raise _Stop()
+        elif cmd == "crash":
+            raise GpuThreadCrash("fault drill: GPU thread crash")
 
     def _enqueue(self, seq: Sequence) -> None:
         m = self.models.get(seq.request.model)
@@ -212,6 +245,27 @@ class GpuScheduler:
             self.observer.on_error(m.name, error.code)
             seq.stream.push(error)
 
+    def _fail_seq(self, m: LoadedModel | None, seq: Sequence, exc: BaseException, stage: str) -> None:
+        """End one sequence after an unexpected error while handling it; the rest of the batch goes on.
+
+        The client learns that its request failed, not why (the reason is logged with its id)."""
+        rid = seq.request.request_id
+        log.error("request %s failed while %s: %r", rid, stage, exc, exc_info=exc)
+        err = EngineFailureError(f"generation failed for this request (request id {rid})", code="sequence_failed")
+        if m is None:
+            self._by_request.pop(rid, None)
+            seq.stream.push(err)
+            return
+        try:
+            if seq.uid is not None and seq.uid in m.running:
+                m.batch.remove([seq.uid])
+        except Exception:  # noqa: BLE001 - the batch may be the thing that failed; the step path rebuilds it
+            log.exception("removing failed request %s from the batch", rid)
+        if seq in m.waiting:
+            m.waiting.remove(seq)
+            heapq.heapify(m.waiting)
+        self._finish(m, seq, err)
+
     def _expire(self, m: LoadedModel, now: float) -> None:
         stall = self.config.stall_timeout_s
         for seq in [s for s in m.waiting if (s.deadline and s.deadline <= now) or s.stream.closed]:
@@ -220,14 +274,18 @@ class GpuScheduler:
             self._finish(m, seq, DeadlineExceededError("deadline passed while the request waited in the queue"))
         dropped = []
         for seq in [*m.running.values(), *m.speculative.values()]:
-            if seq.deadline and seq.deadline <= now:
-                dropped.append((seq, DeadlineExceededError("deadline passed during generation")))
-            elif seq.stream.closed:
-                self.cancelled_total += 1
-                self.observer.on_cancel(m.name)
-                dropped.append((seq, None))
-            elif seq.stream.stalled(stall, now):
-                dropped.append((seq, EngineFailureError(f"consumer read nothing for {stall:.0f}s", code="consumer_stalled")))
+            try:
+                if seq.deadline and seq.deadline <= now:
+                    dropped.append((seq, DeadlineExceededError("deadline passed during generation")))
+                elif seq.stream.closed:
+                    self.cancelled_total += 1
+                    self.observer.on_cancel(m.name)
+                    dropped.append((seq, None))
+                elif seq.stream.stalled(stall, now):
+                    dropped.append((seq, EngineFailureError(f"consumer read nothing for {stall:.0f}s",
+                                                            code="consumer_stalled")))
+            except Exception as e:  # noqa: BLE001
+                self._fail_seq(m, seq, e, "expiring")
         if dropped:
             m.batch.remove([s.uid for s, _ in dropped if s.uid is not None])
             for seq, err in dropped:
@@ -245,31 +303,37 @@ class GpuScheduler:
             if (free_spec if speculative else free) <= 0 or (hold and not speculative):
                 deferred.append(seq)
                 continue
-            p = seq.request.sampling
-            seq.output = SequenceOutput(m.tokenizer, p, m.eos_ids)
+            try:  # a vision model runs its vision tower here: a failure fails this request only
+                self._start(m, seq, speculative)
+            except Exception as e:  # noqa: BLE001
+                self._fail_seq(m, seq, e, "admitting")
+                continue
             if speculative:
-                seq.spec = SpeculativeRun(
-                    m.model, m.draft, seq.prompt, max_tokens=p.max_tokens, num_draft=seq.num_draft,
-                    sampler=seq.sampler, processors=seq.processors, stream=m.batch.stream,
-                    prefill_step_size=self.config.prefill_step_size)
-                m.speculative[seq.request.request_id] = seq
                 free_spec -= 1
             else:
-                cache, seq.cached_tokens = m.prompt_cache.lookup(seq.prompt) if m.prompt_cache else (None, 0)
-                prompt = seq.vision if seq.vision is not None else seq.prompt[seq.cached_tokens:]
-                try:  # a vision model runs its vision tower here: a failure fails this request only
-                    seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors,
-                                             cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
-                except Exception as e:  # noqa: BLE001
-                    log.exception("admitting a request to %s failed", m.name)
-                    self._finish(m, seq, EngineFailureError(f"could not start generation: {e}"))
-                    continue
-                seq.vision = None  # the batch holds what it needs; drop the decoded images
-                m.running[seq.uid] = seq
                 free -= 1
             self.observer.on_admit(m.name, time.monotonic() - seq.submitted)
         for seq in deferred:
             heapq.heappush(m.waiting, seq)
+
+    def _start(self, m: LoadedModel, seq: Sequence, speculative: bool) -> None:
+        """Put ``seq`` into the speculative lane or the batch."""
+        p = seq.request.sampling
+        seq.output = SequenceOutput(m.tokenizer, p, m.eos_ids)
+        if speculative:
+            seq.spec = SpeculativeRun(
+                m.model, m.draft, seq.prompt, max_tokens=p.max_tokens, num_draft=seq.num_draft,
+                sampler=seq.sampler, processors=seq.processors, stream=m.batch.stream,
+                prefill_step_size=self.config.prefill_step_size)
+            m.speculative[seq.request.request_id] = seq
+            return
+        scope = seq.request.cache_scope
+        cache, seq.cached_tokens = m.prompt_cache.lookup(seq.prompt, scope) if m.prompt_cache else (None, 0)
+        prompt = seq.vision if seq.vision is not None else seq.prompt[seq.cached_tokens:]
+        seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors,
+                                 cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
+        seq.vision = None  # the batch holds what it needs; drop the decoded images
+        m.running[seq.uid] = seq
 
     def _hold_prefill(self, m: LoadedModel, free: int) -> bool:
         """Whether the waiting text requests should wait a little for more to join their prefill pass.
@@ -308,10 +372,15 @@ class GpuScheduler:
             return
         now = time.monotonic()
         m.lane_seconds[0] += now - t0
+        for seq in [s for s in m.running.values() if s.guard.error is not None]:
+            self._fail_seq(m, seq, seq.guard.error, "sampling")  # type: ignore[arg-type]
         for r in results:
             seq = m.running.get(r.uid)
             if seq is not None:
-                self._deliver(m, seq, r, now)
+                try:
+                    self._deliver(m, seq, r, now)
+                except Exception as e:  # noqa: BLE001
+                    self._fail_seq(m, seq, e, "delivering a token")
         m.last_used = now
         self.observer.on_step(m.name, len(results), now - t0, len(m.running), len(m.waiting))
 
@@ -332,17 +401,22 @@ class GpuScheduler:
             try:
                 tokens = run.round()
             except Exception as e:  # noqa: BLE001 - fail this request only
-                log.exception("speculative round failed for model %s", m.name)
-                self._finish(m, seq, EngineFailureError(f"speculative decoding failed: {e}"))
+                self._fail_seq(m, seq, e, "speculating")
+                continue
+            if seq.guard.error is not None:
+                self._fail_seq(m, seq, seq.guard.error, "sampling")
                 continue
             now = time.monotonic()
             if not tokens:
                 self._finish(m, seq, EngineFailureError("speculative decoding ended before max_tokens"))
-            for i, (token, logprobs) in enumerate(tokens):
-                last = i == len(tokens) - 1 and run.generated >= run.max_tokens
-                reason = "stop" if token in m.eos_ids else ("length" if last else None)
-                if self._deliver(m, seq, StepResult(-1, token, logprobs, reason), now):
-                    break
+            try:
+                for i, (token, logprobs) in enumerate(tokens):
+                    last = i == len(tokens) - 1 and run.generated >= run.max_tokens
+                    reason = "stop" if token in m.eos_ids else ("length" if last else None)
+                    if self._deliver(m, seq, StepResult(-1, token, logprobs, reason), now):
+                        break
+            except Exception as e:  # noqa: BLE001
+                self._fail_seq(m, seq, e, "delivering a token")
         m.last_used = time.monotonic()
 
     def _deliver(self, m: LoadedModel, seq: Sequence, r: StepResult, now: float) -> bool:
@@ -362,7 +436,10 @@ class GpuScheduler:
             else:
                 text += out.finish()
             if m.prompt_cache is not None and r.cache is not None and r.all_tokens:
-                m.prompt_cache.store(r.all_tokens, r.cache)
+                try:  # the answer is complete: a cache that cannot be kept costs only a later hit
+                    m.prompt_cache.store(r.all_tokens, r.cache, seq.request.cache_scope)
+                except Exception:  # noqa: BLE001
+                    log.exception("storing the prompt cache of request %s failed", seq.request.request_id)
             usage = Usage.model_construct(
                 prompt_tokens=len(seq.prompt), completion_tokens=out.completion_tokens,
                 total_tokens=len(seq.prompt) + out.completion_tokens, cached_tokens=seq.cached_tokens,
@@ -384,7 +461,7 @@ class GpuScheduler:
         self.waker.flush()  # a consumer with a wake-up still due would never hear the error otherwise
         for m in self.models.values():
             for seq in [*m.waiting, *m.running.values(), *m.speculative.values()]:
-                seq.stream.push(err)
+                seq.stream.push(err)  # a stream that got tokens already ends with this error event
             m.waiting.clear()
             m.running.clear()
             m.speculative.clear()
@@ -401,7 +478,7 @@ class GpuScheduler:
 
     def _fail_future(self, fut: Future) -> None:
         if not fut.done() and fut.set_running_or_notify_cancel():
-            fut.set_exception(EngineFailureError(f"engine is dead: {self.dead!r}"))
+            fut.set_exception(EngineFailureError("the engine's GPU thread died", code="engine_dead"))
 
     # -- model management (run through call(), so on the GPU thread) -----------------------------
     def _batch_kwargs(self) -> dict[str, Any]:

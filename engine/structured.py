@@ -339,7 +339,8 @@ class MaskPass:
         """``tokens``: the batch's sampled-but-unread tokens, one per row; ``processors``: each row's."""
         if tokens is None or tokens.size != len(processors):
             return
-        self._rows = [(i, p) for i, row in enumerate(processors) for p in row if isinstance(p, GrammarProcessor)]
+        grammar = [(i, getattr(p, "inner", p)) for i, row in enumerate(processors) for p in row]  # RowGuard wraps
+        self._rows = [(i, p) for i, p in grammar if isinstance(p, GrammarProcessor)]
         if self._rows:
             self._tokens = tokens
             for _, p in self._rows:

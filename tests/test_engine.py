@@ -160,7 +160,7 @@ def test_64_concurrent_requests_complete_with_correct_usage(engine: Engine) -> N
     ({"sampling": {"temperature": -1}}, "invalid_request"),
     ({"sampling": {"max_tokens": 0}}, "invalid_request"),
     ({"sampling": {"top_p": 0}}, "invalid_request"),
-    ({"sampling": {"logit_bias": {5000: 1.0}}}, "invalid_request"),
+    ({"sampling": {"logit_bias": {5000: 1.0}}}, "token_id_out_of_range"),
     ({"sampling": {"max_tokens": 100000}}, "context_length_exceeded"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "invalid_request"),  # prompt and messages both
     ({"prompt_token_ids": None, "prompt": ""}, "invalid_request"),
