@@ -98,6 +98,7 @@ def _app_problems(app: dict[str, Any], where: str) -> list[str]:
     found.extend(f"{p}: {m}" for p, m in route_msgs)
     if not args_ok:  # root-level problems that are not route problems (unique names, replicas)
         found.extend(f"{where}.args: {m}" for m in root_msgs if not any(rm in m for _, rm in route_msgs))
+    found.extend(_ingress_problems(app, where))
     override = _router_override(app)
     if override is not None:
         j, entry = override
@@ -117,32 +118,84 @@ def _app_problems(app: dict[str, Any], where: str) -> list[str]:
     return found
 
 
-def for_deploy(config: dict[str, Any]) -> dict[str, Any]:
-    """The config as ``mlx-serving up`` deploys it: ``args.routes`` moved into the router's user_config.
+def _override(app: dict[str, Any], name: str) -> dict[str, Any]:
+    """The app's ``deployments:`` entry for deployment ``name``, added if missing."""
+    deployments = app.setdefault("deployments", [])
+    for d in deployments:
+        if isinstance(d, dict) and d.get("name") == name:
+            return d
+    entry: dict[str, Any] = {"name": name}
+    deployments.append(entry)
+    return entry
 
-    Serve hashes an application's ``args`` into the code version of every deployment, so a weight
-    edited in ``args`` would restart every replica. In the router's ``user_config`` (a
-    ``deployments:`` override) the same edit is applied live by ``reconfigure``. ``args.router: true``
-    keeps the router in the app, so ``args`` stay the same from one weight edit to the next.
+
+def _ingress_problems(app: dict[str, Any], where: str) -> list[str]:
+    from deployments.config import INGRESS_DEPLOYMENT, IngressSettings
+
+    for j, d in enumerate(app.get("deployments") or []):
+        if isinstance(d, dict) and d.get("name") == INGRESS_DEPLOYMENT and d.get("user_config") is not None:
+            try:
+                IngressSettings.model_validate(d["user_config"])
+            except ValidationError as e:
+                return _pydantic_problems(e, f"{where}.deployments[{j}].user_config")
+    return []
+
+
+def for_deploy(config: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The config as ``mlx-serving up`` deploys it: routes and keys moved into user_configs.
+
+    Serve hashes an application's ``args`` into the code version of every deployment, so a weight or
+    a key edited in ``args`` would restart every replica. In a ``user_config`` (a ``deployments:``
+    override) the same edit is applied live by ``reconfigure``: ``args.routes`` go to the router's,
+    ``args.auth`` to the ingress's, together with the hashes of the keys in ``MLX_SERVING_API_KEYS`` /
+    ``MLX_SERVING_ADMIN_KEYS`` of this environment (so they reach the ingress wherever it runs, and no
+    plain key is ever deployed). ``args.router: true`` keeps the router in the app, so ``args`` stay
+    the same from one edit to the next.
     """
-    from deployments.config import ROUTER_DEPLOYMENT
+    from deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT
+    from deployments.http.auth import ADMIN_KEYS_ENV, API_KEYS_ENV, env_key_hashes
 
     out = copy.deepcopy(config)
     for app in out.get("applications") or []:
         if not isinstance(app, dict) or app.get("import_path") != BUILD_APP:
             continue
         args = app.get("args")
-        if not isinstance(args, dict) or "routes" not in args:
+        if not isinstance(args, dict):
             continue
-        routes = args.pop("routes") or []
-        args["router"] = True
-        deployments = app.setdefault("deployments", [])
-        override = _router_override(app)
-        if override is None:
-            deployments.append({"name": ROUTER_DEPLOYMENT, "user_config": {"routes": routes}})
-        else:
-            override[1]["user_config"] = {"routes": routes}
+        if "routes" in args:
+            routes = args.pop("routes") or []
+            args["router"] = True
+            _override(app, ROUTER_DEPLOYMENT)["user_config"] = {"routes": routes}
+        ingress = _override(app, INGRESS_DEPLOYMENT)
+        settings = dict(ingress.get("user_config") or {})
+        auth = {**(args.pop("auth", None) or {}), **(settings.get("auth") or {})}
+        for field, env in (("api_keys", API_KEYS_ENV), ("admin_keys", ADMIN_KEYS_ENV)):
+            auth[field] = list(dict.fromkeys([*(auth.get(field) or []), *env_key_hashes(env, environ)]))
+        ingress["user_config"] = {**settings, "auth": auth}
     return out
+
+
+def api_keys_configured(config: dict[str, Any], environ: dict[str, str] | None = None) -> bool:
+    """Whether every application's API requires a key (from its config or this environment)."""
+    deployed = for_deploy(config, environ)
+    apps = [a for a in deployed.get("applications") or [] if isinstance(a, dict) and a.get("import_path") == BUILD_APP]
+    return bool(apps) and all(_ingress_auth(a).get("api_keys") for a in apps)
+
+
+def allows_unauthenticated_network(config: dict[str, Any]) -> bool:
+    """Whether the config opts in to an unauthenticated API on a non-loopback address."""
+    apps = [a for a in for_deploy(config, {}).get("applications") or [] if isinstance(a, dict)
+            and a.get("import_path") == BUILD_APP]
+    return any(_ingress_auth(a).get("allow_unauthenticated_network") for a in apps)
+
+
+def _ingress_auth(app: dict[str, Any]) -> dict[str, Any]:
+    from deployments.config import INGRESS_DEPLOYMENT
+
+    for d in app.get("deployments") or []:
+        if isinstance(d, dict) and d.get("name") == INGRESS_DEPLOYMENT:
+            return dict((d.get("user_config") or {}).get("auth") or {})
+    return {}
 
 
 def app_args(config: dict[str, Any]) -> list[dict[str, Any]]:

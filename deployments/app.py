@@ -11,7 +11,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from .config import AppConfig
+from .config import INGRESS_DEPLOYMENT, AppConfig, IngressSettings
 from .ingress import Ingress
 from .replica import replica_deployment
 from .router import router_deployment
@@ -35,10 +35,13 @@ def build_app(args: dict[str, Any]) -> Application:
         router = router_deployment().options(user_config=routes).bind([m.name for m in config.models])
     spread = {"max_replicas_per_node": config.ingress_max_replicas_per_node} if config.ingress_max_replicas_per_node else {}
     ingress = serve.deployment(Ingress).options(
-        name="ingress",
+        name=INGRESS_DEPLOYMENT,
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=4096,  # it only relays; admission control lives at the replicas
         ray_actor_options={"num_cpus": 0},
+        # Keys live in the ingress's user_config (`mlx-serving up` moves them there, as hashes): a key
+        # change then reconfigures the ingress alone. `args.auth` is its default.
+        user_config=IngressSettings(auth=config.auth).model_dump(mode="json"),
         **spread,
     )
     ingress_config = config.model_dump(mode="json", exclude={"routes"})

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.config import EngineConfig
+from engine.request import MAX_JSON_DEPTH
 
 from .routing.config import RouteConfig
 
@@ -31,6 +33,19 @@ class FaultInjection(BaseModel):
 
     added_latency_per_token_s: float = Field(0.0, ge=0.0, le=5.0)
     error_probability: float = Field(0.0, ge=0.0, le=1.0)
+    crash_process_on: str | None = Field(
+        None, min_length=1, description="Drill: a request whose prompt contains this text kills the replica's "
+                                        "process at once, as a crashing kernel would (a poison request).")
+    crash_gpu_thread_on: str | None = Field(
+        None, min_length=1, description="Drill: a request whose prompt contains this text kills the engine's GPU "
+                                        "thread once it has its first tokens (the replica then takes itself out "
+                                        "of service).")
+
+    def triggered(self, marker: str | None, request: dict[str, Any]) -> bool:
+        if marker is None:
+            return False
+        text = request.get("prompt") or request.get("messages") or ""
+        return marker in (text if isinstance(text, str) else json.dumps(text))
 
 
 class ModelDeploymentConfig(BaseModel):
@@ -121,21 +136,51 @@ class ModelDeploymentConfig(BaseModel):
 
 
 class AuthConfig(BaseModel):
+    """Who may call the API. Keys are given as hashes (``sha256:<hex>``, ``mlx-serving keys hash KEY``), so
+    this config, ``serve config`` and the dashboard never hold a usable key; plain keys belong in
+    ``MLX_SERVING_API_KEYS`` / ``MLX_SERVING_ADMIN_KEYS`` when running ``mlx-serving up``, which hashes them."""
+
     model_config = ConfigDict(extra="forbid")
 
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys for /v1 routes (plus MLX_SERVING_API_KEYS).")
-    admin_keys: list[str] = Field(default_factory=list, description="Keys for /admin routes and forced variants.")
+    api_keys: list[str] = Field(default_factory=list, description="Hashes of the bearer keys for the API routes.")
+    admin_keys: list[str] = Field(default_factory=list, description="Hashes of the keys for /admin routes and forced variants.")
+    allow_unauthenticated_network: bool = Field(
+        False, description="Allow serving HTTP on a non-loopback address with no API key (anyone who reaches the "
+                           "port may use the models). `mlx-serving up --allow-unauthenticated-network` sets it.")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _hashes_only(cls, v: list[str]) -> list[str]:
+        from .http.auth import HASH_RE
+
+        for k in v:
+            if not HASH_RE.match(k):
+                raise ValueError("give key hashes (sha256:<64 hex digits>), not keys: `mlx-serving keys hash KEY` "
+                                 "prints one; or pass plain keys in MLX_SERVING_API_KEYS / MLX_SERVING_ADMIN_KEYS to "
+                                 "`mlx-serving up`, which stores only their hashes")
+        return v
+
+
+class IngressSettings(BaseModel):
+    """The ingress deployment's ``user_config``: what changes live, with no replica restarted (keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 class LimitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(MAX_JSON_DEPTH, ge=8, le=1000, description="Nesting of a request body's JSON; "
+                                "deeper bodies get 400 json_too_deep before they are parsed.")
     request_timeout_s: float = Field(600.0, gt=0.0, description="Deadline of one generation; 504 when it passes.")
     default_max_tokens: int = Field(512, ge=1)
 
 
 ROUTER_DEPLOYMENT = "router"
+INGRESS_DEPLOYMENT = "ingress"
 
 
 def route_problems(routes: list[RouteConfig], models: list[str]) -> list[tuple[tuple[int | str, ...], str]]:

@@ -40,3 +40,4 @@ class ReplicaInfo(BaseModel):
     waiting: int
     cancelled_total: int
     models: list[ModelInfo]
+    rss_bytes: int = 0  # resident memory of the replica process (overload runs watch it)

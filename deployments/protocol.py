@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.errors import InvalidRequestError
-from engine.request import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob
+from engine.request import (
+    MAX_CACHE_SALT_CHARS, MAX_CHOICE_CHARS, MAX_CHOICES, MAX_MESSAGES, MAX_NEW_TOKENS, MAX_SEED, MAX_STOP,
+    MAX_STOP_CHARS, MAX_TOKEN_IDS, MIN_SEED, ChatMessage, GenerationChunk, GenerationRequest, SamplingParams,
+    TokenLogprob,
+)
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+TokenIds = Annotated[list[int], Field(max_length=MAX_TOKEN_IDS)]
 
 
 class StreamOptions(BaseModel):
@@ -35,8 +42,8 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
@@ -46,10 +53,15 @@ class _SamplingFields(BaseModel):
         None, description="OpenAI's {'type': 'text'|'json_object'|'json_schema', ...}; also {'type': 'regex', "
                           "'pattern': ...} and {'type': 'choice', 'choices': [...]}.")
     guided_regex: str | None = Field(None, description="Extension: output must match this regex.")
-    guided_choice: list[str] | None = Field(None, description="Extension: output is exactly one of these strings.")
+    guided_choice: list[Annotated[str, Field(max_length=MAX_CHOICE_CHARS)]] | None = Field(
+        None, max_length=MAX_CHOICES, description="Extension: output is exactly one of these strings.")
     guided_json: dict[str, Any] | None = Field(None, description="Extension: output is JSON valid against this schema.")
     num_draft_tokens: int | None = Field(None, ge=0, le=64, description="Extension: speculative draft tokens per step "
                                                                        "(models with a draft_model; 0 turns it off).")
+    cache_salt: str | None = Field(
+        None, max_length=MAX_CACHE_SALT_CHARS,
+        description="Extension (as in vLLM): prefix-cache entries are shared only among requests with the same "
+                    "salt (and API key), so a cache hit reveals nothing to someone without it.")
 
     def structured(self) -> dict[str, Any] | None:
         """The one constraint this request asks for, in ``response_format`` form."""
@@ -81,25 +93,26 @@ class _SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
-    def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str) -> GenerationRequest:
+    def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str,
+                  cache_scope: str) -> GenerationRequest:
         return GenerationRequest(
             model=self.model, messages=self.messages,
             sampling=self.sampling(self.max_completion_tokens or self.max_tokens, default_max_tokens,
                                    self.logprobs, self.top_logprobs or 0),
             priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
-            num_draft_tokens=self.num_draft_tokens,
+            num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope,
         )
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] = Field(description="A string, or a list of token ids.")
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: str | TokenIds = Field(description="A string, or a list of token ids.")
+    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
@@ -110,13 +123,14 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str) -> GenerationRequest:
+    def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str,
+                  cache_scope: str) -> GenerationRequest:
         prompt = {"prompt": self.prompt} if isinstance(self.prompt, str) else {"prompt_token_ids": self.prompt}
         return GenerationRequest(
             model=self.model, **prompt,
             sampling=self.sampling(self.max_tokens, default_max_tokens, self.logprobs is not None, self.logprobs or 0),
             priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
-            num_draft_tokens=self.num_draft_tokens,
+            num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope,
         )
 
 
@@ -253,7 +267,7 @@ class ModelList(BaseModel):
 class TokenizeRequest(BaseModel):
     model: str
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True
 
 
@@ -264,7 +278,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model: str
-    tokens: list[int]
+    tokens: TokenIds
 
 
 class DetokenizeResponse(BaseModel):

@@ -2,7 +2,14 @@
 
 It is a thin shell: Serve gives it a process, a host pin, health checks and shutdown; the engine
 does the work. Errors travel as ``ReplicaError`` items so the ingress can answer with the right
-status before it starts a response.
+status before it starts a response. The event loop only relays: request preparation runs on the
+engine's bounded preparation threads, GPU work on its GPU thread.
+
+A replica whose GPU thread died takes itself out of service at once: its process exits, so every
+handle stops routing to it on the first ``ActorDiedError`` and Serve replaces it, with no wait for
+a health check. Its streams end with an error event; requests it had not started are retried on
+another replica by the ingress (nothing of them was sent yet). A grace period would let the
+ingress's retry land on this very replica again.
 """
 
 from __future__ import annotations
@@ -14,16 +21,17 @@ import random
 import time
 from typing import Any, AsyncIterator
 
+import psutil
 import ray
 from ray import serve
 
 from engine import sources
 from engine.engine import Engine
 from engine.errors import EngineError, EngineFailureError
-from engine.request import ChatMessage, GenerationChunk, GenerationRequest
+from engine.request import ChatMessage, GenerationChunk
 
 from . import logging as events
-from .config import ModelDeploymentConfig
+from .config import FaultInjection, ModelDeploymentConfig
 from .messages import ReplicaError, ReplicaInfo
 from .metrics import RayMetricsObserver
 
@@ -43,21 +51,44 @@ class ModelReplica:
         # Blocks this constructor until the weights are loaded and warmed up: Serve marks the replica
         # ready only then, so no request ever waits on a cold model.
         self.engine.load_model_blocking(self.config.name, source, draft)
+        self.engine.on_death(self._engine_died)
         events.replica_started(self.config.name, time.monotonic() - t0, source=source)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        events.engine_dead(self.config.name, f"GPU thread died: {type(exc).__name__}; the replica exits")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[GenerationChunk | ReplicaError]:
         """Stream chunks; each item holds every token produced since the previous one."""
         fault = self.config.fault
         try:
-            if fault and fault.error_probability and random.random() < fault.error_probability:
-                raise EngineFailureError("injected fault (fault.error_probability)", code="injected_fault")
-            async for chunk in self.engine.generate(GenerationRequest.model_validate(request)):
+            if fault is not None:
+                self._drill(fault, request)
+            crash_gpu = fault is not None and fault.triggered(fault.crash_gpu_thread_on, request)
+            async for chunk in self.engine.generate(request):
                 if fault and fault.added_latency_per_token_s:
                     await asyncio.sleep(fault.added_latency_per_token_s * max(1, len(chunk.token_ids)))
                 yield chunk
+                if crash_gpu:  # once this request has its first tokens: it is not retried elsewhere
+                    crash_gpu = False
+                    self.engine.crash_gpu_thread()
         except EngineError as e:
             self._log_failure(e, request)
             yield ReplicaError.of(e)
+        except Exception as e:  # noqa: BLE001 - a bug: this request fails, with its id, not its traceback
+            log.exception("request %s failed", request.get("request_id"))
+            yield ReplicaError.of(EngineFailureError(
+                f"internal error in the model replica (request id {request.get('request_id')})", code="internal_error"))
+
+    def _drill(self, fault: FaultInjection, request: dict[str, Any]) -> None:
+        """Faults the config asks for (canary and chaos drills)."""
+        if fault.triggered(fault.crash_process_on, request):
+            log.error("fault drill: request %s kills this replica's process", request.get("request_id"))
+            os._exit(1)
+        if fault.error_probability and random.random() < fault.error_probability:
+            raise EngineFailureError("injected fault (fault.error_probability)", code="injected_fault")
 
     def _log_failure(self, e: EngineError, request: dict[str, Any]) -> None:
         if e.code == "over_capacity":
@@ -76,16 +107,20 @@ class ModelReplica:
         assert result is not None
         return result
 
-    def tokenize(self, prompt: str | None, messages: list[dict] | None, add_generation_prompt: bool) -> list[int] | ReplicaError:
-        try:
+    async def tokenize(self, prompt: str | None, messages: list[dict] | None,
+                       add_generation_prompt: bool) -> list[int] | ReplicaError:
+        def run() -> list[int]:
             msgs = [ChatMessage.model_validate(m) for m in messages] if messages is not None else None
             return self.engine.tokenize(self.config.name, prompt, msgs, add_generation_prompt)
+
+        try:
+            return await self.engine.offload(run)
         except EngineError as e:
             return ReplicaError.of(e)
 
-    def detokenize(self, tokens: list[int]) -> str | ReplicaError:
+    async def detokenize(self, tokens: list[int]) -> str | ReplicaError:
         try:
-            return self.engine.detokenize(self.config.name, tokens)
+            return await self.engine.offload(self.engine.detokenize, self.config.name, tokens)
         except EngineError as e:
             return ReplicaError.of(e)
 
@@ -98,7 +133,7 @@ class ModelReplica:
             model=self.config.name, healthy=h.healthy, detail=h.detail,
             host=host if isinstance(host, str) else (host[0] if host else None),
             node_id=ctx.get_node_id(), pid=os.getpid(), active=h.active, waiting=h.waiting, cancelled_total=h.cancelled_total,
-            models=self.engine.list_models(),
+            models=self.engine.list_models(), rss_bytes=psutil.Process().memory_info().rss,
         )
 
     def check_health(self) -> None:

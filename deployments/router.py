@@ -11,6 +11,10 @@ picks variants locally with the same ``routing.assignment`` code, streams straig
 model replica, and sends outcomes back in batches (``record_batch``). Half-open circuits are the
 exception: their probes are rationed here, so an ingress asks ``choose`` for a route while one of its
 variants is half-open.
+
+Rollout state and open circuits are saved per route in Ray's internal KV whenever they change
+(``routing.persist``), and taken back when a replica starts, so a restarted router does not send
+traffic to a canary it rolled back.
 """
 
 from __future__ import annotations
@@ -26,19 +30,39 @@ from ray.serve import metrics
 
 from .config import route_problems
 from .routing import Outcome, Router, RoutingConfig
+from .routing.config import SATURATION_CODES
 from .routing.errors import RoutingError
+from .routing.persist import RayInternalKV, RolloutStore
+from .routing.snapshot import RouteSnapshot
 
 logger = logging.getLogger("ray.serve")
 
 TICK_INTERVAL_S = 0.5  # rollout judgements and breaker cooldowns are checked this often
 WATCH_TIMEOUT_S = 10.0  # an idle long poll returns after this long (the caller polls again)
+LOAD_ATTEMPTS = 3  # reads of saved state before a replica gives up starting (Serve then retries it)
+
+
+def _default_store() -> RolloutStore | None:
+    """The KV store of this replica's application; None outside a Ray Serve replica."""
+    if not RayInternalKV.available():
+        return None
+    try:
+        app = serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - not in a replica: nothing to scope the keys by
+        return None
+    return RolloutStore(app)
 
 
 class RouterDeployment:
-    def __init__(self, models: list[str], tick_interval_s: float = TICK_INTERVAL_S) -> None:
+    def __init__(self, models: list[str], tick_interval_s: float = TICK_INTERVAL_S,
+                 store: RolloutStore | None = None) -> None:
         self.models = list(models)
         self.tick_interval_s = tick_interval_s
         self.router = Router()
+        self.store = store if store is not None else _default_store()
+        if self.store is None:
+            logger.warning("router: no Ray internal KV here: rollout state will not survive a restart")
+        self._persist_lock = asyncio.Lock()
         self.version = 0  # bumped whenever the routing table changes
         self._table: dict[str, Any] = {}
         self._changed = asyncio.Event()
@@ -68,10 +92,15 @@ class RouterDeployment:
         found = route_problems(config.routes, self.models)
         if found:  # Serve reports this as a failed update and keeps the routes it had
             raise ValueError("invalid routes: " + "; ".join(msg for _, msg in found))
-        self.router.reconfigure(config)
+        held = set(self.router.routes)
+        saved = await self._load([r.name for r in config.routes if r.name not in held])
+        for note in self.router.reconfigure(config, saved):
+            logger.warning("router: %s", note)
         summary = {r: self.router.weights(r) for r in self.router.routes}
         logger.info("router: routes configured: %s", summary or "none")
+        self._export_rollout_gauges()
         self._after_change()
+        await self._persist()
         self._ensure_ticker()
 
     # -- data path (used by the ingress) ------------------------------------------------------------
@@ -99,6 +128,7 @@ class RouterDeployment:
             return {"error": type(e).__name__, "message": str(e), "retry_after": getattr(e, "retry_after", None)}
         finally:
             self._after_change()  # a probe admitted or a cooldown elapsed may change the table
+            await self._persist()
         return {"route": d.route, "variant": d.variant, "deployment": d.deployment, "reason": d.reason}
 
     async def record(self, route: str, variant: str, outcome: dict[str, Any]) -> None:
@@ -109,9 +139,9 @@ class RouterDeployment:
         for route, variant, o in items:
             outcome = Outcome(**o)
             self.router.record(route, variant, outcome)
-            label = "ok" if outcome.ok else ("client_error" if outcome.client_error else (outcome.code or "error"))
-            self._routed.inc(tags={"route": route, "variant": variant, "outcome": label})
+            self._routed.inc(tags={"route": route, "variant": variant, "outcome": _outcome_label(outcome)})
         self._after_change()
+        await self._persist()
         return self.table_version
 
     # -- admin --------------------------------------------------------------------------------------
@@ -130,6 +160,7 @@ class RouterDeployment:
             return {"error": type(e).__name__, "message": str(e)}
         finally:
             self._after_change()
+            await self._persist()  # the admin's answer comes once the command is saved
         return decision.to_dict()
 
     async def report(self) -> dict[str, Any]:
@@ -145,6 +176,7 @@ class RouterDeployment:
     async def tick(self) -> None:
         self.router.tick()
         self._after_change()
+        await self._persist()
 
     # -- internals ----------------------------------------------------------------------------------
     def _ensure_ticker(self) -> None:
@@ -162,8 +194,44 @@ class RouterDeployment:
             try:
                 self.router.tick()
                 self._after_change()
+                await self._persist()  # also retries saves that failed
             except Exception:  # noqa: BLE001 - a bad tick must not stop rollouts for good
                 logger.exception("router: tick failed")
+
+    async def _load(self, routes: list[str]) -> dict[str, RouteSnapshot]:
+        """Saved state of routes this replica does not hold yet (all of them when it has just started).
+
+        A read that keeps failing raises: starting those routes fresh could send traffic to a canary
+        that was rolled back, so the replica (or the config update) fails and Serve tries again.
+        """
+        if self.store is None or not routes:
+            return {}
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            try:
+                return await asyncio.to_thread(self.store.load, routes)
+            except Exception as e:  # noqa: BLE001 - GCS unreachable for a moment
+                if attempt == LOAD_ATTEMPTS:
+                    raise RuntimeError(f"cannot read saved rollout state of routes {routes}: {type(e).__name__}: {e}") from e
+                logger.warning("router: reading saved rollout state failed (%s: %s); retrying", type(e).__name__, e)
+                await asyncio.sleep(0.5 * attempt)
+        return {}
+
+    async def _persist(self) -> None:
+        """Save the routes whose state changed, one write at a time so the newest state lands last;
+        a failed save is retried on the next tick."""
+        if self.store is None:
+            self.router.take_dirty()
+            return
+        async with self._persist_lock:
+            dirty = self.router.take_dirty()
+            if not dirty:
+                return
+            snapshots = [self.router.snapshot(r) for r in dirty]
+            try:
+                await asyncio.to_thread(self.store.save, snapshots)
+            except Exception as e:  # noqa: BLE001 - the GCS is briefly unreachable: keep routing, save later
+                self.router.mark_dirty(dirty)
+                logger.warning("router: saving rollout state of %s failed (%s: %s); retrying", dirty, type(e).__name__, e)
 
     def _after_change(self) -> None:
         """Log and count new events, export rollout gauges, and publish the table if it changed."""
@@ -186,14 +254,31 @@ class RouterDeployment:
             log = logger.warning if event == "rollback" else logger.info
             log("router: route %r rollout %s -> %s at %s%% canary: %s", route, event, e.get("state"),
                 e.get("canary_percent"), e.get("reason"))
-            state = str(e.get("state"))
-            self._canary_percent.set(float(e.get("canary_percent") or 0.0), tags={"route": route})
-            for s in ("pending", "running", "paused", "promoted", "rolled_back"):
-                self._rollout_state.set(1.0 if s == state else 0.0, tags={"route": route, "state": s})
+            self._set_rollout_gauges(route, str(e.get("state")), float(e.get("canary_percent") or 0.0))
         kind = str(e.get("kind"))
         key = f"{kind}:{event}"
         self._events_total[key] = self._events_total.get(key, 0) + 1
         self._events.inc(tags={"route": route, "kind": kind, "event": event})
+
+    def _set_rollout_gauges(self, route: str, state: str, canary_percent: float) -> None:
+        self._canary_percent.set(canary_percent, tags={"route": route})
+        for s in ("pending", "running", "paused", "promoted", "rolled_back"):
+            self._rollout_state.set(1.0 if s == state else 0.0, tags={"route": route, "state": s})
+
+    def _export_rollout_gauges(self) -> None:
+        """Gauges for every rollout, also those restored or carried over without a new decision."""
+        for route, r in self.router.report()["routes"].items():
+            if r["rollout"] is not None:
+                self._set_rollout_gauges(route, r["rollout"]["state"], float(r["rollout"]["canary_percent"]))
+
+
+def _outcome_label(outcome: Outcome) -> str:
+    """ok | over_capacity | client_error | the failure's code: saturation and client errors apart from failures."""
+    if outcome.ok:
+        return "ok"
+    if outcome.code in SATURATION_CODES:
+        return outcome.code
+    return "client_error" if outcome.client_error else (outcome.code or "error")
 
 
 def router_deployment() -> serve.Deployment:

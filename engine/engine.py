@@ -147,7 +147,8 @@ class Engine:
         p = request.sampling
         vision = None
         if request.messages is not None and m.kind == "vision":
-            vision = prepare_vision_inputs(m.processor, m.model.config, request.messages, self.config.images)
+            vision = prepare_vision_inputs(m.processor, m.model.config, request.messages, self.config.images,
+                                           context_length=m.context_length, max_tokens=p.max_tokens)
             prompt = list(vision.input_ids)
         elif request.messages is not None:
             prompt = self._render_chat(m, request.messages, True)

@@ -2,8 +2,10 @@
 
 Where the work happens:
 
-* caller's thread, ``prepare_vision_inputs``: image parts checked and decoded (``engine.images``),
-  the chat rendered with the model's template (one placeholder per image), then the model's processor
+* caller's thread, ``prepare_vision_inputs``: the chat rendered with the model's template (one
+  placeholder per image); image bytes read and headers opened (``engine.images``: per-image and
+  per-request pixel limits); the prompt's tokens, image tokens included, estimated from the header
+  sizes and checked against the context; only then pixels decoded, and the model's processor
   tokenizes and preprocesses (resize, normalize, patchify; image placeholders expanded to the real
   number of image tokens). The processor builds MLX arrays, so that runs under this thread's CPU
   stream and is evaluated before returning: nothing lazy crosses threads (an unevaluated array built
@@ -22,6 +24,7 @@ request's other processors: penalties, logit bias, grammar) for ``StepResult.log
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,7 +36,7 @@ from mlx.utils import tree_flatten
 
 from .batch import StepResult
 from .errors import InvalidRequestError, ModelLoadError
-from .images import ImagePolicy, load_image
+from .images import ImagePolicy, decode_opened_image, open_request_images
 from .request import ChatMessage, ImagePart, TextPart
 from .sampling import LogitsProcessor, Sampler
 
@@ -137,8 +140,14 @@ def render_vision_prompt(processor: Any, model_config: Any, messages: list[ChatM
 
 
 def prepare_vision_inputs(processor: Any, model_config: Any, messages: list[ChatMessage], policy: ImagePolicy,
-                          *, add_generation_prompt: bool = True, preprocess: bool = True) -> VisionInputs:
+                          *, add_generation_prompt: bool = True, preprocess: bool = True,
+                          context_length: int | None = None, max_tokens: int = 0) -> VisionInputs:
     """Validate, decode and render one chat request for a vision model (caller's thread).
+
+    In this order, so that nothing is decoded for a request that cannot run: render the chat; read
+    every image's bytes and header (per-image and per-request pixel limits); with ``context_length``,
+    estimate the prompt's tokens from the header sizes and refuse, ``context_length_exceeded``, a
+    prompt that with ``max_tokens`` would not fit; decode the pixels; run the processor.
 
     Raises ``InvalidRequestError`` (param ``messages``) for any image the policy refuses or that does
     not decode, and for messages the template or processor rejects. With ``preprocess`` (the default)
@@ -146,11 +155,123 @@ def prepare_vision_inputs(processor: Any, model_config: Any, messages: list[Chat
     thread.
     """
     prompt, urls = render_vision_prompt(processor, model_config, messages, policy, add_generation_prompt)
-    images = [load_image(u, policy) for u in urls]
+    opened = open_request_images(urls, policy)
+    if context_length is not None and opened:
+        # Header sizes, before EXIF rotation: smart_resize is symmetric in height and width, so a
+        # rotation that swaps them does not change the count.
+        check_vision_context(processor, model_config, prompt, [im.size for im in opened], context_length,
+                             max_tokens)
+    images = [decode_opened_image(im, policy) for im in opened]
     vi = VisionInputs(prompt=prompt, images=images, num_images=len(images))
     if preprocess:
         vi.preprocess(processor, model_config)
     return vi
+
+
+# -- image tokens from header sizes ----------------------------------------------------------------
+# Families whose processor resizes each image with Qwen2-VL's ``smart_resize`` (multiples of
+# patch_size * merge_size, area within [min_pixels, max_pixels]) and emits one token per merged patch.
+# Other families (fixed-resolution LLaVA, Phi-3-Vision's crops ...) are not estimated: they get the
+# pixel budget only, and the exact count after preprocessing (``Engine.prepare``).
+_SMART_RESIZE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize target (port of transformers' ``qwen2_vl`` ``smart_resize``; mlx-vlm 0.7.10
+    uses the same): both sides multiples of ``factor``, area within ``[min_pixels, max_pixels]``,
+    aspect ratio kept as well as that allows. Raises ``ValueError`` past an aspect ratio of 200."""
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio:.1f}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _smart_resize_tokens(image_processor: Any, width: int, height: int) -> int | None:
+    """Image tokens by our ``smart_resize`` port, from the processor's preprocessor config (None when
+    it lacks a setting). The ``size`` dict wins over ``min_pixels``/``max_pixels``, as in transformers."""
+    size = getattr(image_processor, "size", None)
+    size = size if isinstance(size, dict) else {}
+    patch = getattr(image_processor, "patch_size", None)
+    merge = getattr(image_processor, "merge_size", None)
+    lo = size.get("shortest_edge") or getattr(image_processor, "min_pixels", None)
+    hi = size.get("longest_edge") or getattr(image_processor, "max_pixels", None)
+    if not all(isinstance(v, int) and v > 0 for v in (patch, merge, lo, hi)):
+        return None
+    h, w = smart_resize(height, width, patch * merge, lo, hi)
+    return (h // (patch * merge)) * (w // (patch * merge))
+
+
+def estimate_image_tokens(processor: Any, model_config: Any, width: int, height: int) -> int | None:
+    """Tokens one ``width`` x ``height`` image becomes in the prompt, from its size alone; None for a
+    family we do not estimate. The processor's own counter (mlx-vlm's ``num_image_tokens``, which
+    shares its sizing code with preprocessing) when it has one, else our ``smart_resize`` port."""
+    if getattr(model_config, "model_type", None) not in _SMART_RESIZE_FAMILIES:
+        return None
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return None
+    counter = getattr(image_processor, "num_image_tokens", None)
+    try:
+        if callable(counter):
+            return int(counter(height, width))
+        return _smart_resize_tokens(image_processor, width, height)
+    except ValueError as e:  # the aspect-ratio limit: the processor would refuse it after decoding
+        raise InvalidRequestError(f"an image of {width}x{height} cannot be processed by this model: {e}",
+                                  param="messages", code="invalid_image") from None
+
+
+def estimate_prompt_tokens(processor: Any, model_config: Any, prompt: str,
+                           sizes: Sequence[tuple[int, int]]) -> int | None:
+    """Tokens the processor will make of ``prompt`` with images of ``sizes`` (width, height), without
+    decoding them. None when the family is not estimated."""
+    split = _estimate_split(processor, model_config, prompt, sizes)
+    return None if split is None else sum(split)
+
+
+def _estimate_split(processor: Any, model_config: Any, prompt: str,
+                    sizes: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """(text tokens, image tokens): the rendered prompt tokenized as the processor will, each image
+    placeholder (one token, which the processor expands) replaced by that image's estimate."""
+    from mlx_vlm.utils import should_add_special_tokens
+
+    per_image = [estimate_image_tokens(processor, model_config, w, h) for w, h in sizes]
+    if any(n is None for n in per_image):
+        return None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    placeholder = getattr(processor, "image_token_id", None)
+    ids = tokenizer.encode(prompt, add_special_tokens=should_add_special_tokens(model_config.model_type, processor))
+    found = ids.count(placeholder) if placeholder is not None else len(sizes)
+    if found != len(sizes):  # the processor would pair placeholders with images wrongly and fail
+        raise InvalidRequestError(
+            f"the rendered prompt holds {found} image placeholders for {len(sizes)} images (is the model's "
+            "image token in the text?)", param="messages", code="invalid_image")
+    return len(ids) - found, sum(n for n in per_image if n is not None)
+
+
+def check_vision_context(processor: Any, model_config: Any, prompt: str, sizes: Sequence[tuple[int, int]],
+                         context_length: int, max_tokens: int) -> int | None:
+    """Refuse (``context_length_exceeded``) a prompt whose estimated tokens plus ``max_tokens`` exceed
+    the context, before any pixel is decoded. Returns the estimate (None: family not estimated)."""
+    split = _estimate_split(processor, model_config, prompt, sizes)
+    if split is None:
+        return None
+    text, images = split
+    if text + images + max_tokens > context_length:
+        raise InvalidRequestError(
+            f"the prompt would be {text + images} tokens ({images} of them for {len(sizes)} image(s)); with "
+            f"max_tokens ({max_tokens}) that exceeds the model's context of {context_length} tokens",
+            param="messages", code="context_length_exceeded")
+    return text + images
 
 
 # -- the batch (GPU thread) ----------------------------------------------------------------------
@@ -378,5 +499,5 @@ def warmup_vision(m: "LoadedModel", policy: ImagePolicy | None = None) -> None:
 
 __all__ = [
     "VisionInputs", "VisionBatch", "prepare_vision_inputs", "render_vision_prompt", "load_vision_model",
-    "warmup_vision",
+    "warmup_vision", "estimate_image_tokens", "estimate_prompt_tokens", "check_vision_context", "smart_resize",
 ]

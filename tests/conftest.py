@@ -93,6 +93,7 @@ def app_url(serve_port: int, tiny_model_dir: Path, vision_model_dir: Path) -> st
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.http.auth import hash_key
 
     tiny = str(tiny_model_dir)
     main = {
@@ -107,7 +108,7 @@ def app_url(serve_port: int, tiny_model_dir: Path, vision_model_dir: Path) -> st
     # Auth on; and a deadline so short that every generation passes it (the 504 path).
     secure = {
         "models": [{"name": "guarded", "source": tiny, "num_cpus": 0}],
-        "auth": {"api_keys": ["sk-test-key"]},
+        "auth": {"api_keys": [hash_key("sk-test-key")]},
         "limits": {"request_timeout_s": 1e-6},
     }
     serve.run(build_app(main), name="main", route_prefix="/")
@@ -139,3 +140,27 @@ def replica_info(app: str, deployment: str):
     from ray import serve
 
     return serve.get_deployment_handle(deployment, app_name=app).info.remote().result()
+
+
+def ray_log_lines(needle: str) -> list[dict]:
+    """The JSON log lines holding ``needle`` that this session's Ray workers wrote (ingress, replicas)."""
+    import json
+
+    import ray
+
+    logs_dir = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    out = []
+    for f in list(logs_dir.glob("worker-*.err")) + list(logs_dir.glob("worker-*.out")):
+        try:
+            text = f.read_text(errors="replace")
+        except OSError:
+            continue
+        if needle not in text:
+            continue
+        for line in text.splitlines():
+            if needle in line and line.lstrip().startswith("{"):
+                try:
+                    out.append(json.loads(line[line.index("{"):]))
+                except ValueError:
+                    pass
+    return out

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import free_port, no_eos
+from conftest import free_port, no_eos, ray_log_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,27 +250,6 @@ def test_request_id_round_trip_through_serve(app_url: str) -> None:
     assert err.status_code == 404 and err.headers["x-request-id"] == rid + "e"
 
 
-def _log_lines(needle: str) -> list[dict]:
-    import ray
-
-    logs_dir = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    out = []
-    for f in list(logs_dir.glob("worker-*.err")) + list(logs_dir.glob("worker-*.out")):
-        try:
-            text = f.read_text(errors="replace")
-        except OSError:
-            continue
-        if needle not in text:
-            continue
-        for line in text.splitlines():
-            if needle in line and line.lstrip().startswith("{"):
-                try:
-                    out.append(json.loads(line[line.index("{"):]))
-                except ValueError:
-                    pass
-    return out
-
-
 def test_the_request_id_reaches_the_replica_and_every_log_line(app_url: str) -> None:
     """The secure app's deadline fails every generation in the engine: the replica logs the failure
     and the ingress its access line, both with the client's x-request-id."""
@@ -282,7 +261,7 @@ def test_the_request_id_reaches_the_replica_and_every_log_line(app_url: str) -> 
     deadline = time.monotonic() + 30
     lines: list[dict] = []
     while time.monotonic() < deadline:
-        lines = _log_lines(rid)
+        lines = ray_log_lines(rid)
         if {x.get("component") for x in lines} >= {"ingress", "replica"}:
             break
         time.sleep(0.5)

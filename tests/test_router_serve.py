@@ -1,7 +1,8 @@
 """The router deployment in a real Serve app: local picks agree with the router, sticky A/B through
 HTTP, forced variants, a live weight change through a declarative deploy (what `serve deploy` and
-`mlx-serving up` do), automatic rollback of a failing canary, and a circuit breaker taking a failing
-variant out of rotation.
+`mlx-serving up` do), automatic rollback of a failing canary, a circuit breaker taking a failing
+variant out of rotation, and a rolled-back canary staying rolled back after the router replica is
+killed and restarted by Serve.
 
 One application serves every test; its models are three tiny replicas: ``stable``, ``canary`` and
 ``broken`` (every request fails through the replica's fault injection).
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from ray import serve
 
+from deployments.http.auth import hash_key
 from deployments.routing import assign
 
 APP = "router-test"
@@ -42,6 +44,12 @@ def routes(live: dict[str, float]) -> list[dict[str, Any]]:
         {"name": "guarded", "sticky": False,
          "variants": [{"name": "stable", "weight": 50}, {"name": "flaky", "deployment": "broken", "weight": 50}],
          "circuit_breaker": {"failure_threshold": 3, "cooldown_s": 3600}},
+        # a healthy canary that never gets far on its own (1000 requests a stage): rolled back by hand
+        # before the router is killed, it must stay rolled back after the restart
+        {"name": "durable", "sticky": False,
+         "variants": [{"name": "stable", "weight": 100}, {"name": "canary", "weight": 0}],
+         "rollout": {"canary": "canary", "stages": [50, 100], "min_requests_per_stage": 1000,
+                     "min_seconds_per_stage": 0, "latency": None}},
     ]
 
 
@@ -53,7 +61,7 @@ def serve_config(tiny: str, live: dict[str, float]) -> dict[str, Any]:
     ]
     return {"applications": [{
         "name": APP, "route_prefix": PREFIX, "import_path": "deployments.app:build_app",
-        "args": {"models": models, "routes": routes(live), "auth": {"admin_keys": [ADMIN]}},
+        "args": {"models": models, "routes": routes(live), "auth": {"admin_keys": [hash_key(ADMIN)]}},
     }]}
 
 
@@ -137,7 +145,8 @@ def test_config_routes_are_validated_with_paths_and_moved_to_user_config() -> No
     deployable = for_deploy(config)
     app = deployable["applications"][0]
     assert "routes" not in app["args"] and app["args"]["router"] is True
-    assert app["deployments"] == [{"name": "router", "user_config": {"routes": routes({"stable": 1, "canary": 1})}}]
+    router_entry = [d for d in app["deployments"] if d["name"] == "router"]
+    assert router_entry == [{"name": "router", "user_config": {"routes": routes({"stable": 1, "canary": 1})}}]
     assert problems(deployable) == [] and config["applications"][0]["args"]["routes"]  # the input is untouched
     # the deployable form keeps the same args when only weights change: Serve sees a user_config-only update
     other = for_deploy(serve_config("demo:tiny", {"stable": 0, "canary": 5}))
@@ -151,7 +160,8 @@ def test_config_routes_are_validated_with_paths_and_moved_to_user_config() -> No
     assert "applications[0].args.routes[1].variants[0].weight: Input should be greater than or equal to 0" in found
     assert any(p.startswith("applications[0].args.routes[0].variants[1].deployment: route 'ab': variant 'canary' "
                             "sends to 'missing'") for p in found), found
-    assert any(p.startswith("applications[0].args.routes[4].name: route 'broken' has the name of a model") for p in found)
+    assert any(p.startswith(f"applications[0].args.routes[{len(bad_routes) - 1}].name: route 'broken' has the name "
+                            "of a model") for p in found), found
     uc = for_deploy(serve_config("demo:tiny", {"stable": 0, "canary": 0}))  # no positive weight
     assert any(p.startswith("applications[0].deployments[0].user_config.routes[1]") and "positive weight" in p
                for p in problems(uc)), problems(uc)
@@ -300,3 +310,71 @@ def test_circuit_breaker_moves_traffic_off_a_failing_variant(base: str) -> None:
     for _ in range(10):  # its share goes to the other variant
         r = ask(base, "guarded")
         assert r.status_code == 200 and r.headers["x-mlx-variant"] == "stable"
+
+
+def router_replica_actor() -> tuple[str, str]:
+    """(name, namespace) of the router's replica actor (Serve names it ``SERVE_REPLICA::app#router#id``)."""
+    import ray
+
+    found = [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{APP}#router#")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_rolled_back_canary_stays_rolled_back_after_the_router_restarts(base: str) -> None:
+    import ray
+
+    r = httpx.post(base + "/admin/rollouts/durable/rollback", json={"reason": "rolled back before the restart"},
+                   headers=AUTH)
+    assert r.status_code == 200 and r.json()["state"] == "rolled_back", r.text
+    before = wait_synced(base, lambda rep: rep["routes"]["durable"]["rollout"]["state"] == "rolled_back")
+    open_before = {(route, v["name"]) for route, rr in before["routes"].items() for v in rr["variants"]
+                   if v["breaker"]["state"] == "open"}  # e.g. `guarded`'s flaky variant, cooling down for an hour
+    old_pid = before["router"]["pid"]
+
+    name, namespace = router_replica_actor()
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+
+    deadline = time.monotonic() + 240
+    while True:  # Serve notices the dead replica at a health check and starts another
+        assert time.monotonic() < deadline, "the router replica was not restarted"
+        try:
+            info = router().info.remote().result(timeout_s=10)
+            if info["pid"] != old_pid:
+                break
+        except Exception:  # noqa: BLE001 - dead or not yet replaced
+            pass
+        time.sleep(1.0)
+    assert router_replica_actor()[0] != name
+
+    deadline = time.monotonic() + 120
+    while True:  # the ingress reaches the new replica and takes its table (a new epoch)
+        got = httpx.get(base + "/admin/rollouts", headers=AUTH, timeout=30)
+        rep = got.json() if got.status_code == 200 else {}
+        if rep and rep["table_version"] != before["table_version"] \
+                and rep["ingress"]["table_version"] == rep["table_version"]:
+            break
+        assert time.monotonic() < deadline, got.text[:2000]
+        time.sleep(0.5)
+    assert rep["router"]["pid"] == info["pid"] != old_pid
+    rollout = rep["routes"]["durable"]["rollout"]
+    assert rollout["state"] == "rolled_back" and rollout["canary_percent"] == 0, rollout
+    assert rollout["history"][-1]["action"] == "rollback"
+    assert rollout["history"][-1]["reason"] == "rolled back before the restart"
+    assert variant_of(rep, "durable", "canary")["weight"] == 0
+    assert variant_of(rep, "durable", "canary")["stats"]["total"]["requests"] == 0  # statistics are not kept
+    open_after = {(route, v["name"]) for route, rr in rep["routes"].items() for v in rr["variants"]
+                  if v["breaker"]["state"] == "open"}
+    assert open_before <= open_after, (open_before, open_after)
+    time.sleep(2 * 0.5)  # two router ticks: an auto start would have happened by now
+    assert report(base)["routes"]["durable"]["rollout"]["state"] == "rolled_back"
+    rs = [ask(base, "durable") for _ in range(20)]
+    assert [(r.status_code, r.headers.get("x-mlx-variant")) for r in rs] == [(200, "stable")] * 20
+
+    # an admin restarts the rollout; it is saved like any other change
+    r = httpx.post(base + "/admin/rollouts/durable/stage", json={"stage": 0}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["state"] == "running" and r.json()["canary_percent"] == 50, r.text
+    wait_synced(base, lambda rep: variant_of(rep, "durable", "canary")["weight"] == 50)
+    seen = collections.Counter(ask(base, "durable").headers.get("x-mlx-variant") for _ in range(20))
+    assert set(seen) == {"stable", "canary"}, seen

@@ -176,12 +176,18 @@ class Sim:
         self.rng = random.Random(seed)
         self.router = Router({"routes": [route]}, clock=lambda: self.t, rng=random.Random(seed + 1))
 
-    def run(self, seconds: int, rps: int, scale: dict[str, float], errors: dict[str, float]) -> list[dict[str, object]]:
+    def run(self, seconds: int, rps: int, scale: dict[str, float], errors: dict[str, float],
+            client: dict[str, float] | None = None) -> list[dict[str, object]]:
+        """``errors``: share of a variant's requests it fails; ``client``: share turned away for the
+        client's or the load's sake (429 over capacity, 400), drawn before failures."""
         events: list[dict[str, object]] = []
         for _ in range(seconds):
             for _ in range(rps):
                 d = self.router.choose("chat", key=f"user-{self.rng.randrange(100_000)}")
-                if self.rng.random() < errors.get(d.variant, 0.0):
+                r = self.rng.random()
+                if r < (client or {}).get(d.variant, 0.0):
+                    self.router.record("chat", d.variant, self.rng.choice(CLIENT_SIDE))
+                elif r - (client or {}).get(d.variant, 0.0) < errors.get(d.variant, 0.0):
                     self.router.record("chat", d.variant, Outcome(ok=False, code="engine_failure"))
                 else:
                     lat = scale.get(d.variant, 1.0) * self.rng.lognormvariate(0.0, 0.3)
@@ -190,6 +196,13 @@ class Sim:
             events += self.router.tick()
         return events
 
+
+CLIENT_SIDE = [
+    Outcome(ok=False, code="over_capacity", e2e_s=0.002, client_error=True),  # 429, as the ingress reports it
+    Outcome(ok=False, code="over_capacity", e2e_s=0.002),  # 429 from a caller that does not flag it
+    Outcome(ok=False, code="invalid_request", e2e_s=0.001, client_error=True),  # 400
+    Outcome(ok=False, code="context_length_exceeded", e2e_s=0.001, client_error=True),  # 400 with a free-form code
+]
 
 ROUTE: dict[str, object] = {
     "name": "chat",
@@ -224,3 +237,50 @@ def test_router_rolls_back_erroring_canary() -> None:
     events = sim.run(60, rps=50, scale={}, errors={"canary": 0.10})
     [rollback] = [e for e in events if e["action"] == "rollback"]
     assert "error rate" in str(rollback["reason"])
+
+
+def test_router_never_judges_a_canary_on_client_errors_alone() -> None:
+    """A canary that only ever answers 429 (saturated) or 400 (bad requests) is not failing: it is not
+    rolled back and its circuit stays closed, but it is not promoted either, for lack of evidence."""
+    sim = Sim(ROUTE, seed=4)
+    events = sim.run(120, rps=50, scale={}, errors={}, client={"canary": 1.0})
+    assert [(e["kind"], e["action"]) for e in events] == [("rollout", "start")]
+    r = sim.router.report()["routes"]["chat"]
+    canary = next(v for v in r["variants"] if v["name"] == "canary")
+    stage = canary["stats"]["stage"]
+    assert stage["requests"] > 300 and stage["client_errors"] == stage["requests"]
+    assert stage["failures"] == 0 and stage["judged"] == 0 and stage["error_rate"] == 0.0
+    assert canary["breaker"]["state"] == "closed"
+    assert r["rollout"]["state"] == "running" and r["rollout"]["canary_percent"] == 10.0
+    assert f"0/150 canary requests ({stage['client_errors']} client errors not counted)" in \
+        r["rollout"]["last_decision"]["reason"]
+
+
+def test_router_promotes_a_fast_canary_that_turns_many_requests_away() -> None:
+    sim = Sim(ROUTE, seed=5)
+    events = sim.run(200, rps=50, scale={}, errors={}, client={"canary": 0.4, "stable": 0.05})
+    assert [e["action"] for e in events] == ["start", "advance", "advance", "promote"]
+    assert not any(e["kind"] == "breaker" for e in events)
+    promote = events[-1]
+    assert promote["canary_error_rate"] == 0.0 and promote["p_value"] is not None
+
+
+def test_router_rolls_back_a_failing_canary_whose_failures_hide_among_client_errors() -> None:
+    """8% of the canary's requests fail and half are client errors: 16% of the requests that say
+    something about it. Counting client errors in the denominator would report 8%, under the 10% limit."""
+    route = {**ROUTE, "rollout": {**ROUTE["rollout"], "max_error_rate_increase": 0.1,  # type: ignore[dict-item]
+                                  "min_requests_per_stage": 300}}
+    sim = Sim(route, seed=6)
+    events = sim.run(200, rps=50, scale={}, errors={"canary": 0.08}, client={"canary": 0.5})
+    [rollback] = [e for e in events if e["action"] == "rollback"]
+    assert "error rate" in str(rollback["reason"]) and rollback["canary_percent"] == 0.0
+    assert 0.1 < rollback["canary_error_rate"] < 0.25  # type: ignore[operator]
+    assert sim.router.weights("chat")["canary"] == 0.0
+
+
+def test_router_still_rolls_back_a_canary_answering_5xx() -> None:
+    sim = Sim(ROUTE, seed=7)
+    events = sim.run(60, rps=50, scale={}, errors={"canary": 1.0}, client={"stable": 0.3})
+    rollback = next(e for e in events if e["kind"] == "rollout" and e["action"] == "rollback")
+    assert rollback["reason"] == "canary circuit breaker opened"
+    assert sim.router.report()["routes"]["chat"]["rollout"]["state"] == "rolled_back"

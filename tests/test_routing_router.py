@@ -90,13 +90,55 @@ def test_all_open_raises_with_retry_after() -> None:
     assert router.choose("chat", force="a").reason == "forced"  # admin override bypasses the breaker
 
 
+SATURATED = Outcome(ok=False, code="over_capacity", e2e_s=0.01)  # a 429, as an ingress that does not flag it sends it
+CLIENT_FLAGGED = Outcome(ok=False, code="context_length_exceeded", client_error=True)  # a 400 with a code no list names
+
+
 def test_client_errors_do_not_trip_breaker_or_error_rate() -> None:
     router, _ = make(chat({"a": 1}))
     for _ in range(10):
         router.record("chat", "a", Outcome(ok=False, code="invalid_request"))
+        router.record("chat", "a", SATURATED)
+        router.record("chat", "a", CLIENT_FLAGGED)
     assert router.drain_events() == []
+    assert router.table()["chat"]["closed"] == ["a"]
     stats = router.report()["routes"]["chat"]["variants"][0]["stats"]["total"]
-    assert stats["requests"] == 10 and stats["failures"] == 0 and stats["errors_by_code"] == {"invalid_request": 10}
+    assert stats["requests"] == 30 and stats["failures"] == 0 and stats["client_errors"] == 30
+    assert stats["judged"] == 0 and stats["error_rate"] == 0.0
+    assert stats["errors_by_code"] == {"invalid_request": 10, "over_capacity": 10, "context_length_exceeded": 10}
+
+
+def test_saturation_counts_even_when_a_route_lists_no_client_error_codes() -> None:
+    router, _ = make(chat({"a": 1}, client_error_codes=[]))
+    for _ in range(10):
+        router.record("chat", "a", SATURATED)
+    router.record("chat", "a", Outcome(ok=False, code="invalid_request"))  # unflagged, unlisted: the variant's
+    stats = router.report()["routes"]["chat"]["variants"][0]["stats"]["total"]
+    assert (stats["failures"], stats["client_errors"], router.drain_events()) == (1, 10, [])
+
+
+def test_client_errors_neither_break_nor_extend_a_run_of_failures() -> None:
+    router, _ = make(chat({"a": 1, "b": 1}))
+    for outcome in (FAIL, SATURATED, FAIL, CLIENT_FLAGGED):
+        router.record("chat", "b", outcome)
+    assert router.drain_events() == []  # 2 failures so far; threshold is 3
+    router.record("chat", "b", FAIL)
+    assert [(e["name"], e["to_state"]) for e in router.drain_events()] == [("b", "open")]
+
+
+def test_a_saturated_probe_neither_closes_the_circuit_nor_uses_up_its_slot() -> None:
+    router, clock = make(chat({"a": 1}))
+    for _ in range(3):
+        router.record("chat", "a", FAIL)
+    clock.t = 30.0
+    assert router.choose("chat").variant == "a"  # the one half-open probe
+    with pytest.raises(NoVariantAvailableError):
+        router.choose("chat")
+    router.record("chat", "a", SATURATED)
+    assert router.table()["chat"]["probing"] == ["a"]  # still half-open: a 429 proves nothing
+    assert router.choose("chat").variant == "a"  # and the slot is free again for the next probe
+    router.record("chat", "a", Outcome(e2e_s=1.0))
+    assert [e["to_state"] for e in router.drain_events()] == ["open", "half_open", "closed"]
 
 
 def test_outcomes_for_unknown_targets_are_dropped() -> None:

@@ -42,7 +42,10 @@ def test_errors_by_code_and_latency_only_from_successes() -> None:
     st.record(Outcome(ok=False))
     st.record(Outcome(ok=True, ttft_s=float("nan"), e2e_s=-1.0))  # garbage latencies are not samples
     w = st.total
-    assert w.requests == 5 and w.failures == 2 and w.error_rate == pytest.approx(0.4)
+    # the client error is counted but not judged: 2 failures out of the 4 requests that say something
+    assert w.requests == 5 and w.failures == 2 and w.client_errors == 1 and w.judged == 4
+    assert w.error_rate == pytest.approx(0.5)
+    assert st.summary()["total"]["client_errors"] == 1 and st.summary()["total"]["judged"] == 4
     assert w.errors_by_code == {"engine_failure": 1, "invalid_request": 1, "unknown": 1}
     assert w.latency["e2e"].values() == [1.0] and w.latency["ttft"].count == 1
 

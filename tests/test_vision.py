@@ -146,11 +146,12 @@ def test_remote_urls_only_when_enabled() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    remote = ImagePolicy(allow_remote=True, fetch_timeout_s=5)
+    remote = ImagePolicy(allow_remote=True, fetch_timeout_s=5, allowed_remote_networks=["127.0.0.0/8"])
     try:
         assert load_image(f"{base}/img.png", remote).size == (32, 16)
-        rejects("image_fetch_failed", load_image, f"{base}/redirect-to-file", remote)
-        rejects("image_too_large", load_image, f"{base}/big.png", ImagePolicy(allow_remote=True, max_bytes=10_000))
+        rejects("image_url_not_allowed", load_image, f"{base}/img.png", ImagePolicy(allow_remote=True))  # loopback
+        rejects("image_url_not_allowed", load_image, f"{base}/redirect-to-file", remote)
+        rejects("image_too_large", load_image, f"{base}/big.png", remote.model_copy(update={"max_bytes": 10_000}))
         rejects("image_fetch_failed", load_image, "http://127.0.0.1:9/img.png", remote)  # nothing listens
     finally:
         server.shutdown()

@@ -109,6 +109,16 @@ class CircuitBreaker:
             self._window.append(False)
         return []
 
+    def record_neutral(self) -> None:
+        """An outcome that says nothing about the variant (a client's 4xx, a 429 at capacity).
+
+        It neither breaks a run of failures nor extends one, and stays out of the failure-rate
+        window. While half-open it hands its probe slot back, so the next request probes instead of
+        the circuit waiting a whole cooldown for evidence that never came.
+        """
+        if self.config.enabled and self.state is BreakerState.HALF_OPEN and self._probes > 0:
+            self._probes -= 1
+
     def record_failure(self, now: float | None = None) -> list[BreakerEvent]:
         now = self._clock() if now is None else now
         if not self.config.enabled:
@@ -127,6 +137,16 @@ class CircuitBreaker:
             if rate >= cfg.failure_rate:
                 return [self._open(now, f"failure rate {rate:.2f} over the last {len(self._window)} requests")]
         return []
+
+    def restore_open(self, retry_after_s: float, now: float | None = None) -> None:
+        """Open the circuit as a previous router process left it, half-opening ``retry_after_s`` from
+        now (capped at the cooldown); no event: nothing changed, the state came back."""
+        now = self._clock() if now is None else now
+        left = min(max(retry_after_s, 0.0), self.config.cooldown_s)
+        self.state = BreakerState.OPEN
+        self.opened_at = now - (self.config.cooldown_s - left)
+        self._half_open_since = None
+        self._reset_counts()
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         return {"state": str(self.state), "consecutive_failures": self.consecutive_failures,

@@ -14,13 +14,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 LatencyMetric = Literal["ttft", "tpot", "e2e"]
 
 # Errors that say the client asked for something wrong, not that the variant is unhealthy: they count
-# in per-code stats but neither trip a breaker nor raise a canary's error rate.
+# in per-code stats but neither trip a breaker nor raise a canary's error rate. (The ingress also marks
+# every 4xx outcome, 429 included, as ``client_error``; these codes cover callers that do not.)
 DEFAULT_CLIENT_ERROR_CODES: tuple[str, ...] = (
     "invalid_request",
     "request_too_large",
     "invalid_api_key",
     "model_not_found",
 )
+
+# A variant turning a request away because it is full (429) is busy, not broken: whatever a route's
+# ``client_error_codes`` say, these never trip its breaker, raise its error rate or roll it back.
+SATURATION_CODES: frozenset[str] = frozenset({"over_capacity"})
 
 
 class VariantConfig(BaseModel):

@@ -5,7 +5,9 @@ running --(error or latency regression, open canary circuit, manual)--> rolled_b
 running <--pause/resume--> paused;  set_stage(i) (re)enters running at stage i from any state.
 
 A stage is judged once it has ``min_requests_per_stage`` canary requests *and* ``min_seconds_per_stage``
-of time, so a rollout never advances on too little evidence. The controller owns no statistics: the
+of time, so a rollout never advances on too little evidence. Only judged requests count (successes and
+the variant's own failures): a 429 or a client's 4xx says nothing about the canary, so it neither
+fills a stage nor raises the error rate. The controller owns no statistics: the
 router passes the canary's and baseline's ``VariantStats`` in and resets their stage windows when a
 decision says the stage changed.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -132,11 +134,13 @@ class RolloutController:
             return self._decide(now, "rollback", RolloutState.ROLLED_BACK, "canary circuit breaker opened")
         cw = canary.stage
         elapsed = now - (self.stage_started_at if self.stage_started_at is not None else now)
-        if cw.requests < p.min_requests_per_stage or elapsed < p.min_seconds_per_stage:
+        if cw.judged < p.min_requests_per_stage or elapsed < p.min_seconds_per_stage:
+            # client errors (4xx, 429) are no evidence either way: they neither fill a stage nor fail it
+            ignored = f" ({cw.client_errors} client errors not counted)" if cw.client_errors else ""
             return self._decide(now, "wait", self.state,
-                                f"collecting: {cw.requests}/{p.min_requests_per_stage} canary requests, "
+                                f"collecting: {cw.judged}/{p.min_requests_per_stage} canary requests{ignored}, "
                                 f"{elapsed:.0f}/{p.min_seconds_per_stage:.0f}s in stage")
-        bw = baseline.stage if baseline.stage.requests > 0 else baseline.total
+        bw = baseline.stage if baseline.stage.judged > 0 else baseline.total
         c_err, b_err = cw.error_rate, bw.error_rate
         rates = {"canary_error_rate": c_err, "baseline_error_rate": b_err}
         if c_err - b_err > p.max_error_rate_increase:
@@ -210,6 +214,18 @@ class RolloutController:
             "last_test": self.last_test.to_dict() if self.last_test else None,
             "history": [d.to_dict() for d in self.history],
         }
+
+    def restore(self, state: RolloutState, stage_index: int, history: Iterable[RolloutDecision],
+                last_test: RolloutDecision | None, now: float | None = None) -> None:
+        """Take back a state saved by an earlier router process (``routing.snapshot``). A stage that
+        had started starts its window over: the statistics it was collecting did not survive."""
+        now = self._now(now)
+        self.state = state
+        self.stage_index = min(stage_index, len(self.policy.stages) - 1)
+        self.stage_started_at = None if state is RolloutState.PENDING else now
+        self.history = deque(history, maxlen=self.history.maxlen)
+        self.last_test = last_test
+        self.last_decision = self.history[-1] if self.history else None
 
     # -- internals ----------------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@
     router.tick()                                               # periodically: rollouts, breaker cooldowns
     for event in router.drain_events(): log / count it
     router.report()                                             # JSON for an admin endpoint
+    for route in router.take_dirty(): save(router.snapshot(route))   # persist what changed
+    Router(..., saved={route: snapshot})                         # a restarted process takes it back
 
 No Ray and no MLX here; the clock and RNG are injectable so tests never sleep. Methods take a lock:
 Serve may call a sync method from a thread pool while the event loop calls another.
@@ -23,9 +25,10 @@ from typing import Any
 
 from .assignment import assign
 from .breaker import BreakerEvent, BreakerState, CircuitBreaker
-from .config import RouteConfig, RoutingConfig, VariantConfig
+from .config import SATURATION_CODES, RouteConfig, RoutingConfig, VariantConfig
 from .errors import NoRolloutError, NoVariantAvailableError, UnknownRouteError, UnknownVariantError
-from .rollout import RolloutController, RolloutDecision
+from .rollout import RolloutController, RolloutDecision, RolloutState
+from .snapshot import BreakerSnapshot, Clocks, RolloutSnapshot, RouteSnapshot
 from .stats import Outcome, VariantStats
 
 
@@ -70,18 +73,21 @@ class Router:
     """Routes, per-variant stats and breakers, and rollouts of every route the router serves."""
 
     def __init__(self, routes: RoutesInput = (), *, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None, max_events: int = 1000) -> None:
+                 wall_clock: Callable[[], float] = time.time, rng: random.Random | None = None,
+                 max_events: int = 1000, saved: Mapping[str, RouteSnapshot] | None = None) -> None:
         self._clock = clock
+        self._wall_clock = wall_clock
         self._rng = rng or random.Random()
         self._lock = threading.RLock()
         self._routes: dict[str, _Route] = {}
         self._pending: deque[dict[str, Any]] = deque(maxlen=max_events)  # for drain_events
         self._recent: deque[dict[str, Any]] = deque(maxlen=50)  # for report
-        self.reconfigure(routes)
+        self._dirty: set[str] = set()  # routes whose persistable state changed since take_dirty
+        self.reconfigure(routes, saved)
 
     # -- configuration ------------------------------------------------------------------------------
 
-    def reconfigure(self, routes: RoutesInput) -> None:
+    def reconfigure(self, routes: RoutesInput, saved: Mapping[str, RouteSnapshot] | None = None) -> list[str]:
         """Apply a new configuration atomically (it is fully validated first).
 
         A variant keeps its stats and breaker when its name and deployment are unchanged (a new
@@ -89,12 +95,27 @@ class Router:
         canary, baseline and the canary's deployment are unchanged, so pushing new weights or
         thresholds never restarts or resurrects a rollout; ship the canary as a new deployment to
         start over.
+
+        ``saved`` holds persisted snapshots (``snapshot``) for routes this router does not hold yet,
+        as after a restart: the same rule decides what of them is taken back, so a rolled-back
+        canary stays rolled back. Returns one line per state restored or discarded, for the log.
         """
         config = _as_routing_config(routes)
+        notes: list[str] = []
         with self._lock:
-            self._routes = {cfg.name: self._build_route(cfg, self._routes.get(cfg.name)) for cfg in config.routes}
+            clocks = Clocks(self._clock(), self._wall_clock())
+            built: dict[str, _Route] = {}
+            for cfg in config.routes:
+                old = self._routes.get(cfg.name)
+                snap = (saved or {}).get(cfg.name) if old is None else None
+                built[cfg.name] = self._build_route(cfg, old, notes)
+                if snap is not None:
+                    self._restore(built[cfg.name], snap, clocks, notes)
+            self._routes = built
+            self._dirty.update(built)  # thresholds, stages or the identity of a rollout may have changed
+        return notes
 
-    def _build_route(self, cfg: RouteConfig, old: _Route | None) -> _Route:
+    def _build_route(self, cfg: RouteConfig, old: _Route | None, notes: list[str]) -> _Route:
         variants: dict[str, _Variant] = {}
         for vc in cfg.variants:
             prev = old.variants.get(vc.name) if old else None
@@ -116,8 +137,65 @@ class Router:
                 prev_ro.configure(cfg.rollout, baseline)
                 rollout = prev_ro
             else:
+                if prev_ro is not None and prev_ro.state is not RolloutState.PENDING:
+                    notes.append(f"route {cfg.name!r}: rollout of {cfg.rollout.canary!r} starts over "
+                                 f"(it was {prev_ro.state} for canary {prev_ro.canary!r} of a different deployment "
+                                 f"or baseline)")
                 rollout = RolloutController(cfg.rollout, baseline, clock=self._clock)
         return _Route(cfg, variants, rollout)
+
+    def _restore(self, r: _Route, snap: RouteSnapshot, clocks: Clocks, notes: list[str]) -> None:
+        """Take back what of ``snap`` still describes route ``r``; log what is discarded and why."""
+        name = r.config.name
+        for vname, bs in snap.breakers.items():
+            v = r.variants.get(vname)
+            if v is not None and v.config.deployment == bs.deployment:
+                bs.restore_into(v.breaker, snap.saved_at, clocks)
+                notes.append(f"route {name!r}: circuit of {vname!r} restored {bs.state} "
+                             f"(retry in {v.breaker.retry_after(clocks.mono) or 0:.0f}s)")
+        if snap.rollout is None:
+            return
+        if r.rollout is None:
+            notes.append(f"route {name!r}: saved rollout of {snap.rollout.canary!r} discarded: "
+                         "the route has no rollout now")
+            return
+        canary_deployment = r.variants[r.rollout.canary].config.deployment
+        why = snap.rollout.mismatch(r.rollout.policy, r.baseline, canary_deployment)
+        if why is not None:
+            notes.append(f"route {name!r}: saved rollout ({snap.rollout.state}) discarded, starting fresh: {why}")
+            return
+        snap.rollout.restore_into(r.rollout, clocks)
+        notes.append(f"route {name!r}: rollout of {r.rollout.canary!r} restored {r.rollout.state} at stage "
+                     f"{r.rollout.stage_index} ({r.rollout.canary_percent:g}% canary)")
+
+    # -- persistence --------------------------------------------------------------------------------
+
+    def snapshot(self, route: str) -> RouteSnapshot:
+        """The persistable state of one route (see ``routing.snapshot`` for what is kept and why)."""
+        with self._lock:
+            r = self._route(route)
+            clocks = Clocks(self._clock(), self._wall_clock())
+            breakers = {n: BreakerSnapshot.of(v.breaker, v.config.deployment, clocks)
+                        for n, v in r.variants.items()
+                        if v.breaker.config.enabled and v.breaker.state is not BreakerState.CLOSED}
+            rollout = None
+            if r.rollout is not None:
+                canary_deployment = r.variants[r.rollout.canary].config.deployment
+                rollout = RolloutSnapshot.of(r.rollout, canary_deployment, clocks)
+            return RouteSnapshot(route=route, saved_at=clocks.wall, rollout=rollout, breakers=breakers)
+
+    def take_dirty(self) -> list[str]:
+        """Routes (still configured) whose persistable state changed since the last call: a rollout
+        decision other than a wait, a circuit transition, or a reconfigure."""
+        with self._lock:
+            dirty = [name for name in self._routes if name in self._dirty]
+            self._dirty.clear()
+            return dirty
+
+    def mark_dirty(self, routes: Iterable[str]) -> None:
+        """Ask for these routes to be saved again (their last save failed)."""
+        with self._lock:
+            self._dirty.update(routes)
 
     @property
     def routes(self) -> list[str]:
@@ -192,15 +270,29 @@ class Router:
             v = r.variants.get(variant) if r else None
             if r is None or v is None:
                 return
-            failure = not outcome.ok and not outcome.client_error \
-                and (outcome.code or "unknown") not in r.config.client_error_codes
+            failure = self._is_failure(r, outcome)
             v.stats.record(outcome, failure)
             now = self._clock()
-            events = v.breaker.record_failure(now) if failure else v.breaker.record_success(now)
+            if outcome.ok:
+                events = v.breaker.record_success(now)
+            elif failure:
+                events = v.breaker.record_failure(now)
+            else:  # the client's doing or a full queue: no evidence about the variant either way
+                v.breaker.record_neutral()
+                events = []
             for e in events:
                 if r.rollout is not None and variant == r.rollout.canary and e.to_state is BreakerState.OPEN:
                     r.canary_tripped = True
             self._log(route, events)
+
+    @staticmethod
+    def _is_failure(r: _Route, outcome: Outcome) -> bool:
+        """Whether an outcome counts against its variant: never a client error (the ingress's flag, or a
+        code the route lists), never a saturated variant turning a request away (429)."""
+        if outcome.ok or outcome.client_error:
+            return False
+        code = outcome.code or "unknown"
+        return code not in r.config.client_error_codes and code not in SATURATION_CODES
 
     def tick(self, now: float | None = None) -> list[dict[str, Any]]:
         """Apply time: breaker cooldowns, then rollout judgements. Returns the events this tick made
@@ -300,6 +392,8 @@ class Router:
 
     def _log(self, route: str, events: Iterable[BreakerEvent | RolloutDecision]) -> list[dict[str, Any]]:
         out = [{"route": route, **e.to_dict()} for e in events]
+        if out:  # every logged event is a circuit transition or a rollout decision: state worth saving
+            self._dirty.add(route)
         self._pending.extend(out)
         self._recent.extend(out)
         return out

@@ -26,7 +26,7 @@ class Outcome:
     ttft_s: float | None = None
     tpot_s: float | None = None
     e2e_s: float | None = None
-    client_error: bool = False  # the client asked for something wrong (a 4xx other than 429): not the variant's fault
+    client_error: bool = False  # caused by the client (a 4xx, 429 included) or by load: not the variant's fault
 
     def latency(self, metric: LatencyMetric) -> float | None:
         return {"ttft": self.ttft_s, "tpot": self.tpot_s, "e2e": self.e2e_s}[metric]
@@ -78,17 +78,21 @@ class StatsWindow:
 
     def __init__(self, maxlen: int = 2000) -> None:
         self.maxlen = maxlen
-        self.requests = 0
-        self.failures = 0
+        self.requests = 0  # every outcome, client errors included
+        self.failures = 0  # errors the variant is to blame for
+        self.client_errors = 0  # errors it is not (client 4xx, 429 at capacity): counted, never judged
         self.errors_by_code: dict[str, int] = {}
         self.latency: dict[LatencyMetric, LatencySamples] = {m: LatencySamples(maxlen) for m in METRICS}
 
     def record(self, outcome: Outcome, failure: bool | None = None) -> None:
-        """Count one request; ``failure`` (default: not ok) says whether it counts against the variant,
-        which client errors do not."""
+        """Count one request; ``failure`` (default: not ok) says whether it counts against the variant.
+        A failed request that is not a failure is a client error: it is left out of ``judged`` and so
+        of the error rate, where it would otherwise dilute the variant's real failures."""
         self.requests += 1
         if (not outcome.ok) if failure is None else failure:
             self.failures += 1
+        elif not outcome.ok:
+            self.client_errors += 1
         if not outcome.ok:
             code = outcome.code or "unknown"
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
@@ -104,11 +108,18 @@ class StatsWindow:
             samples.resize(maxlen)
 
     @property
+    def judged(self) -> int:
+        """Requests that say something about the variant: successes and its own failures."""
+        return self.requests - self.client_errors
+
+    @property
     def error_rate(self) -> float:
-        return self.failures / self.requests if self.requests else 0.0
+        """Failures among judged requests (client errors are in neither side of the ratio)."""
+        return self.failures / self.judged if self.judged else 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"requests": self.requests, "failures": self.failures, "error_rate": self.error_rate,
+        return {"requests": self.requests, "judged": self.judged, "failures": self.failures,
+                "client_errors": self.client_errors, "error_rate": self.error_rate,
                 "errors_by_code": dict(self.errors_by_code),
                 "latency": {m: self.latency[m].summary() for m in METRICS}}
 

@@ -1,0 +1,75 @@
+"""``/ready``: readiness from Serve's own view, cached and refreshed off the event loop.
+
+``serve.status()`` is a blocking call to the Serve controller; made on the ingress's event loop it
+would stall every stream the ingress relays, and a load balancer polls ``/ready`` often. The answer
+is cached for ``MAX_AGE_S``; an older one is refreshed on a thread, and a caller waits for it at most
+``WAIT_S`` before getting the last known answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ray import serve
+
+from .config import AppConfig
+from .protocol import ModelStatus
+
+MAX_AGE_S = 1.0
+WAIT_S = 2.0
+
+
+def _status_name(status: object) -> str:
+    return str(getattr(status, "value", status))
+
+
+class Readiness:
+    def __init__(self, app_name: str) -> None:
+        self.app_name = app_name
+        self.config: AppConfig | None = None
+        self._cached: list[ModelStatus] | None = None
+        self._at = 0.0
+        self._refresh: asyncio.Future | None = None
+
+    async def statuses(self, config: AppConfig) -> list[ModelStatus]:
+        self.config = config
+        if self._cached is not None and time.monotonic() - self._at <= MAX_AGE_S:
+            return self._cached
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(asyncio.to_thread(self._read, config))
+        try:
+            self._cached = await asyncio.wait_for(asyncio.shield(self._refresh), WAIT_S)
+            self._at = time.monotonic()
+        except asyncio.TimeoutError:
+            if self._cached is None:
+                return [ModelStatus(name=m.name, ready=False, detail="status unavailable: the Serve controller is "
+                                    "slow to answer") for m in config.models]
+        return self._cached
+
+    def _read(self, config: AppConfig) -> list[ModelStatus]:
+        """A model is ready when a replica of it runs (on a thread: this blocks on the controller)."""
+        try:
+            deployments = serve.status().applications[self.app_name].deployments
+        except Exception as e:  # noqa: BLE001 - the controller is briefly unreachable
+            return [ModelStatus(name=m.name, ready=False, detail=f"status unavailable: {type(e).__name__}")
+                    for m in config.models]
+        out = []
+        for m in config.models:
+            target = m.num_replicas if m.num_replicas is not None else int((m.autoscaling_config or {}).get("min_replicas", 1))
+            d = deployments.get(m.deployment_name)
+            if d is None:
+                out.append(ModelStatus(name=m.name, ready=False, detail="deployment not found", replicas_target=target))
+                continue
+            # A model stays ready while one replica runs; fewer than configured (a host is down, its
+            # replicas wait for it or for room elsewhere) is reported as degraded, not as down.
+            running = int(d.replica_states.get("RUNNING", 0))
+            # Serve's message may hold a whole traceback: its first line says enough.
+            message = (d.message or "").strip().splitlines()[0][:200] if (d.message or "").strip() else ""
+            message = message.removesuffix("Error:").strip()
+            detail = f"{_status_name(d.status)} {message}".strip()
+            if running < target:
+                detail += f" ({running} of {target} replicas running)"
+            out.append(ModelStatus(name=m.name, ready=running > 0, replicas_healthy=running, detail=detail,
+                                   replicas_target=target, degraded=0 < running < target))
+        return out

@@ -1,0 +1,166 @@
+"""The flow chat and completions share: validated body -> engine request -> one replica call -> JSON or SSE.
+
+Each endpoint module gives the shape of its answers (``SseShape`` and a whole-answer builder); this
+module does the rest: the tenant from the key, the target from the model or route, the engine
+request, the replica call (retried before the first byte), SSE framing with an error event when the
+replica fails mid-stream, and the outcome each routed request reports to the router.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray.serve.handle import DeploymentResponseGenerator
+
+from engine.errors import EngineError, InvalidRequestError
+from engine.request import GenerationChunk
+
+from ..config import LimitsConfig
+from ..http import relay
+from ..http.auth import Authenticator
+from ..http.errors import SSE_DONE, error_response, internal_error, sse_event
+from ..logging import annotate
+from ..messages import ReplicaError
+from ..protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, new_id
+from ..route_client import Pick, RouteClient
+from ..routing.stats import Outcome
+from .targets import Targets
+
+VARIANT_HEADER = "x-mlx-variant"  # on every response: the variant (or, for a plain model, the model) that served it
+
+GenerationBody = ChatCompletionRequest | CompletionRequest
+
+
+@dataclass(frozen=True)
+class SseShape:
+    """How one endpoint frames its stream: an optional opening event, one event per chunk, the usage event."""
+
+    opening: str | None
+    event: Callable[[GenerationChunk], str]
+    usage: Callable[[UsageInfo], str]
+
+
+@dataclass(frozen=True)
+class _Track:
+    """A routed stream being timed: its decision, arrival and first-item times (perf_counter)."""
+
+    pick: Pick
+    t0: float
+    first_at: float
+
+
+def cache_scope(tenant: str, salt: str | None) -> str:
+    """Prefix-cache scope: the tenant, split further by the request's ``cache_salt``."""
+    return tenant if not salt else f"{tenant}:{hashlib.sha256(salt.encode()).hexdigest()[:32]}"
+
+
+def outcome(t0: float, err: ReplicaError | EngineError | None = None, first_at: float | None = None,
+            tokens: int = 0) -> Outcome:
+    """What one routed request tells the router: ok or the error's code, TTFT, time per output token, e2e.
+
+    A 4xx (a bad request, a 429 of a saturated replica) is the client's or the load's doing, not the
+    variant's: it is reported as a client error, which no breaker or rollback counts as a failure."""
+    now = time.perf_counter()
+    if err is not None:
+        return Outcome(ok=False, code=err.code, e2e_s=now - t0, client_error=400 <= err.http_status < 500)
+    ttft = first_at - t0 if first_at is not None else None
+    tpot = (now - first_at) / (tokens - 1) if first_at is not None and tokens > 1 else None
+    return Outcome(ok=True, ttft_s=ttft, tpot_s=tpot, e2e_s=now - t0)
+
+
+class GenerationFlow:
+    def __init__(self, targets: Targets, routes: RouteClient) -> None:
+        self.targets = targets
+        self.routes = routes
+
+    async def run(self, body: GenerationBody, request: Request, auth: Authenticator, limits: LimitsConfig,
+                  prefix: str, shape: Callable[[str], SseShape],
+                  whole: Callable[[str, GenerationChunk], BaseModel]) -> Any:
+        tenant = auth.tenant(request)
+        t0 = time.perf_counter()
+        target = await self.targets.resolve(body.model, request, auth, body.user)
+        headers = {VARIANT_HEADER: target.variant}
+        pick = target.pick
+        try:
+            payload = engine_payload(body, limits, prefix, cache_scope(tenant, body.cache_salt), pick)
+            if body.stream:
+                gen, first = await relay.open_stream(target.handle, payload)
+                track = _Track(pick, t0, time.perf_counter()) if pick is not None else None
+                return StreamingResponse(self._sse(body, gen, first, track, shape(payload["request_id"])),
+                                         media_type="text/event-stream", headers=headers)
+            result = await relay.complete(target.handle, payload)
+        except EngineError as e:
+            if pick is not None:
+                self.routes.record(pick, outcome(t0, e))
+            return error_response(e, headers)
+        if pick is not None:  # a whole answer: its end-to-end latency and mean time per output token
+            n = result.usage.completion_tokens if result.usage is not None else len(result.token_ids)
+            e2e = time.perf_counter() - t0
+            self.routes.record(pick, Outcome(ok=True, e2e_s=e2e, tpot_s=e2e / n if n else None))
+        return JSONResponse(whole(payload["request_id"], result).model_dump(mode="json", exclude_none=True),
+                            headers=headers)
+
+    async def _sse(self, body: GenerationBody, gen: DeploymentResponseGenerator, first: GenerationChunk,
+                   track: _Track | None, shape: SseShape) -> AsyncIterator[str]:
+        """One SSE stream as OpenAI sends it: events with content, an error event if the replica
+        failed, the usage event when asked for, then ``[DONE]``."""
+        if shape.opening is not None:
+            yield shape.opening
+        last: GenerationChunk | None = None
+        try:
+            async for item in relay.relay(gen, first, self._tracker(track)):
+                if isinstance(item, ReplicaError):
+                    yield sse_event(item.to_openai())
+                    break
+                last = item
+                if item.text or item.finish_reason or item.logprobs:
+                    yield shape.event(item)
+            if body.include_usage and last is not None and last.usage is not None:
+                yield shape.usage(UsageInfo.of(last))
+        except Exception as e:  # noqa: BLE001 - a bug while framing: the client still gets an error event
+            yield sse_event(internal_error(e).to_dict())
+        yield SSE_DONE
+
+    def _tracker(self, track: _Track | None) -> Callable[[GenerationChunk | ReplicaError], None] | None:
+        """For a routed stream: the outcome goes to the router when the stream ends (not when the client
+        went away: a cancelled request says nothing about the variant)."""
+        if track is None:
+            return None
+        tokens = 0
+
+        def on_item(item: GenerationChunk | ReplicaError) -> None:
+            nonlocal tokens
+            if isinstance(item, ReplicaError):
+                self.routes.record(track.pick, outcome(track.t0, item))
+                return
+            tokens += len(item.token_ids)
+            if item.finish_reason is not None:
+                n = item.usage.completion_tokens if item.usage is not None else tokens
+                self.routes.record(track.pick, outcome(track.t0, first_at=track.first_at, tokens=n))
+
+        return on_item
+
+
+def engine_payload(body: GenerationBody, limits: LimitsConfig, prefix: str, scope: str,
+                   pick: Pick | None) -> dict[str, Any]:
+    """The engine request a replica receives, as the dict that crosses the Ray hop."""
+    annotate(model=body.model)  # for the access log and the HTTP metrics (a known model or route here)
+    try:
+        req = body.to_engine(limits.default_max_tokens, limits.request_timeout_s, new_id(prefix), scope)
+        payload = req.model_dump(mode="json")
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        raise InvalidRequestError(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")), param=loc or None) from None
+    except ValueError as e:  # pydantic's serializer refusing a value (PydanticSerializationError)
+        raise InvalidRequestError(f"the request cannot be serialized: {str(e)[:200]}") from None
+    annotate(completion_id=req.request_id)
+    if pick is not None:  # the replica knows its model by its own name, not the route's
+        payload["model"] = pick.deployment
+    return payload
