@@ -10,7 +10,7 @@ from typing import Any
 
 from engine.demo import PRESETS
 
-from . import fleet_cli, local, nodes, serve_config
+from . import exposure, fleet_cli, local, nodes, serve_config
 
 
 def _cmd_make_demo(args: argparse.Namespace) -> int:
@@ -29,31 +29,39 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.files:
+        warnings: list[str] = []
         try:
-            found = serve_config.problems(serve_config.load(path))
+            config = serve_config.load(path)
+            found = serve_config.problems(config)
+            # A warning, not an error: the key may come from MLX_SERVING_API_KEYS when `mlx-serving up` runs
+            # (validate cannot see that environment), and `up` refuses the bind itself if it does not.
+            warnings = [w for w in [exposure.http_bind_problem(config, allowed_by_flag=False, at_up=False)] if w]
         except (OSError, ValueError) as e:
             found = [str(e)]
         if found:
             bad += 1
             print(f"{path}: {len(found)} problem(s)")
-            for p in found:
-                print(f"  - {p}")
         else:
-            print(f"{path}: ok")
+            print(f"{path}: ok" + (f" ({len(warnings)} warning(s))" if warnings else ""))
+        for p in found:
+            print(f"  - {p}")
+        for w in warnings:
+            print(f"  - warning: {w}")
     return 1 if bad else 0
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
+def _load_up_config(args: argparse.Namespace) -> tuple[Path, dict[str, Any]] | None:
+    """The config ``up`` deploys (from ``--config`` or a planned ``--inventory``); None after saying why not."""
     if args.inventory:  # a fleet inventory: plan it, pin every model's replicas to the planned hosts
         if args.config:
             print("give --config or --inventory, not both", file=sys.stderr)
-            return 1
+            return None
         path = Path(args.inventory)
         try:
             _, fleet_plan, config = fleet_cli.config_from_inventory(path)
         except fleet_cli.plan_errors() as e:
             print(str(e), file=sys.stderr)
-            return 1
+            return None
         print(fleet_plan.as_table())
     else:
         path = Path(args.config) if args.config else serve_config.DEFAULT_CONFIG
@@ -61,46 +69,89 @@ def _cmd_up(args: argparse.Namespace) -> int:
     found = serve_config.problems(config)
     if found:
         print(f"{path} is not valid:", *(f"  - {p}" for p in found), sep="\n", file=sys.stderr)
-        return 1
+        return None
+    return path, config
+
+
+def _http_options(args: argparse.Namespace, config: dict[str, Any], cluster: nodes.ClusterState | None) -> dict[str, Any]:
+    """``http_options`` after the flags: loopback unless told otherwise."""
     http = config.setdefault("http_options", {})
     if args.port is not None:
         http["port"] = args.port
     if args.host is not None:
         http["host"] = args.host
+    elif args.inventory and cluster is not None and cluster.mode == "simulate" and http.get("host") is not None \
+            and not exposure.is_loopback(str(http["host"])):
+        http["host"] = "127.0.0.1"  # every simulated host is this machine: no client elsewhere needs the port
+        print("http_options.host: 127.0.0.1 (simulated hosts: this machine only; --host to change)")
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
-    http_url = f"http://{'127.0.0.1' if http['host'] in ('0.0.0.0', '::') else http['host']}:{http['port']}"
+    return http
 
-    previous = local.read_state()
-    started_head = False
-    cluster = None if args.address else fleet_cli.live_state()
+
+def _ray_cluster(args: argparse.Namespace, config: dict[str, Any], cluster: nodes.ClusterState | None
+                 ) -> tuple[str, str, bool] | None:
+    """``(address, dashboard, this machine's head started by up)``: the cluster to deploy onto, started if
+    needed; None after saying why not."""
     if args.address:
-        address, dashboard = args.address, args.dashboard
-    elif cluster is not None:  # nodes started by `cluster up` or an earlier `up`: its address, never "auto"
-        address, dashboard = cluster.address, cluster.dashboard_url
+        return args.address, args.dashboard, False
+    if cluster is not None:  # nodes started by `cluster up` or an earlier `up`: its address, never "auto"
         started_head = cluster.mode == "local"
         print(f"using the Ray cluster started by `mlx-serving {'up' if started_head else 'cluster up'}` "
-              f"({address}, hosts {', '.join(n.host for n in cluster.nodes)})")
+              f"({cluster.address}, hosts {', '.join(n.host for n in cluster.nodes)})")
         if cluster.mode == "simulate" and config.get("proxy_location") != "HeadOnly":
             config["proxy_location"] = "HeadOnly"  # simulated hosts share this machine's HTTP port
             print("proxy_location: HeadOnly (simulated hosts share this machine)")
-        fleet_cli.warn_missing_hosts(address, config)
-        previous = None
-    elif (existing := local.existing_cluster()) is not None:
+        fleet_cli.warn_missing_hosts(cluster.address, config)
+        return cluster.address, cluster.dashboard_url, started_head
+    if (existing := local.existing_cluster()) is not None:
         (address, auth_env), dashboard = existing, args.dashboard
         os.environ.update(auth_env)
         nodes.refresh_ray_auth()
         print(f"using the Ray cluster already running on this machine ({address})")
-    else:
-        print("starting a Ray head on this machine ...", flush=True)
-        try:
-            head = fleet_cli.start_local_head(port=args.ray_port, dashboard_port=args.dashboard_port,
-                                              num_cpus=args.num_cpus, timeout=180.0)
-        except (RuntimeError, TimeoutError) as e:
-            print(f"could not start Ray: {e}", file=sys.stderr)
-            return 1
-        address, dashboard = head.address, head.dashboard_url
-        started_head = True
+        return address, dashboard, False
+    print("starting a Ray head on this machine ...", flush=True)
+    try:
+        head = fleet_cli.start_local_head(port=args.ray_port, dashboard_port=args.dashboard_port,
+                                          num_cpus=args.num_cpus, timeout=180.0)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"could not start Ray: {e}", file=sys.stderr)
+        return None
+    return head.address, head.dashboard_url, True
+
+
+def _print_security(deployed: dict[str, Any], dashboard: str, http: dict[str, Any], detail: bool) -> None:
+    """Ray auth, API keys (counts) and the listening sockets of this machine's Ray processes."""
+    cluster = fleet_cli.live_state()
+    pids = exposure.tree_pids(n.pid for n in cluster.nodes if n.pid) if cluster else exposure.user_ray_pids()
+    apps = [exposure.app_auth(a) for a in deployed.get("applications") or []
+            if isinstance(a, dict) and a.get("import_path") == serve_config.BUILD_APP]
+    mode = exposure.ray_auth_mode(dashboard) or (cluster.auth_mode if cluster else None)
+    print(*exposure.report(ray_auth=mode, apps=apps, http_host=str(http.get("host", "127.0.0.1")),
+                           http_port=int(http.get("port", 8000)), found=exposure.listeners(pids), detail=detail),
+          sep="\n")
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    loaded = _load_up_config(args)
+    if loaded is None:
+        return 1
+    path, config = loaded
+    cluster = None if args.address else fleet_cli.live_state()
+    http = _http_options(args, config, cluster)
+    problem = exposure.http_bind_problem(config, allowed_by_flag=args.allow_unauthenticated_network)
+    if problem:  # before anything starts
+        print(f"refusing to deploy: {problem}", file=sys.stderr)
+        return 1
+    if args.allow_unauthenticated_network:
+        exposure.allow_unauthenticated_network(config)
+    http_url = f"http://{'127.0.0.1' if http['host'] in ('0.0.0.0', '::') else http['host']}:{http['port']}"
+
+    previous = None if cluster is not None else local.read_state()
+    found = _ray_cluster(args, config, cluster)
+    if found is None:
+        return 1
+    address, dashboard, started_head = found
     if previous is not None and not started_head:
         started_head = previous.started_head
 
@@ -112,7 +163,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 print(f"demo model {m['source']} at {sources.resolve(m['source'])}")
 
     print(f"deploying {path} ...", flush=True)
-    local.deploy(dashboard, serve_config.for_deploy(config))  # routes into the router's user_config: edits apply live
+    deployed = serve_config.for_deploy(config)  # routes and key hashes into user_configs: edits apply live
+    local.deploy(dashboard, deployed)
     app_names = [a.get("name", "default") for a in config["applications"]]
     local.write_state(local.UpState(started_head=started_head, address=address, dashboard_url=dashboard,
                                     app_names=app_names, http_url=http_url))
@@ -127,6 +179,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"ready: {models}\n  OpenAI API: {base}/v1\n  Ray dashboard: {dashboard}\n"
           f"try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{body['models'][0]['name']}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    _print_security(deployed, dashboard, http, detail=False)
     return 0
 
 
@@ -185,6 +238,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             flag = "NOT ready" if not m["ready"] else "DEGRADED" if m.get("degraded") else "ready"
             print(f"  model {m['name']}: {flag} ({m.get('detail', '')})")
     inventory = args.inventory or (cluster.inventory if cluster is not None else None)
+    rc = 0
     if inventory:
         running: dict[str, list[str]] = {}
         for app in (details.get("applications") or {}).values():
@@ -194,7 +248,32 @@ def _cmd_status(args: argparse.Namespace) -> int:
                     if host is not None and r.get("state") in ("RUNNING", "STARTING", "UPDATING"):
                         tag = "" if r.get("state") == "RUNNING" else f" ({r.get('state').lower()})"
                         running.setdefault(host, []).append(dep_name.removeprefix("model-") + tag)
-        return fleet_cli.print_memory_plan(inventory, {h: n for n, h in hosts.items()}, running)
+        rc = fleet_cli.print_memory_plan(inventory, {h: n for n, h in hosts.items()}, running)
+    _print_security({"applications": [a.get("deployed_app_config") or {} for a in
+                                      (details.get("applications") or {}).values()]},
+                    dashboard, details.get("http_options") or {}, detail=True)
+    return rc
+
+
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    from deployments.http.auth import hash_key, new_key
+
+    key = new_key()
+    print(f"key:  {key}\nhash: {hash_key(key)}\n"
+          "give the key to the client (Authorization: Bearer <key>); put the hash in the config's args.auth.api_keys "
+          "(auth.admin_keys for an admin key; `app: {auth: ...}` in a fleet inventory), or the key in "
+          "MLX_SERVING_API_KEYS (MLX_SERVING_ADMIN_KEYS) when running `mlx-serving up`, which deploys only its hash")
+    return 0
+
+
+def _cmd_keys_hash(args: argparse.Namespace) -> int:
+    from deployments.http.auth import hash_key
+
+    key = (sys.stdin.readline() if args.key == "-" else args.key).strip()
+    if not key:
+        print("no key given (`mlx-serving keys hash -` reads it from stdin)", file=sys.stderr)
+        return 1
+    print(hash_key(key))
     return 0
 
 
@@ -227,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dashboard-port", type=int, default=local.DEFAULT_DASHBOARD_PORT)
     up.add_argument("--num-cpus", type=int, help="CPUs the local Ray head offers (default: all)")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /ready")
+    up.add_argument(exposure.ALLOW_FLAG, action="store_true",
+                    help="serve HTTP on a non-loopback address with no API key (sets "
+                         "args.auth.allow_unauthenticated_network: anyone who reaches the port may use the models)")
     up.set_defaults(func=_cmd_up)
 
     down = sub.add_parser("down", help="stop what `up` started, and nothing else")
@@ -251,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_cmd_plan)
 
     fleet_cli.add_parsers(sub)
+
+    keys = sub.add_parser("keys", help="API keys: make one, or hash one for the config")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    knew = ksub.add_parser("new", help="print a new API key and its hash")
+    knew.set_defaults(func=_cmd_keys_new)
+    khash = ksub.add_parser("hash", help="print the hash (sha256:...) of a key, the form the config holds")
+    khash.add_argument("key", help="the key, or '-' to read it from stdin (keeps it out of the shell history)")
+    khash.set_defaults(func=_cmd_keys_hash)
 
     models = sub.add_parser("models", help="model utilities")
     msub = models.add_subparsers(dest="models_command", required=True)

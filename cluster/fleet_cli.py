@@ -16,8 +16,11 @@ import yaml
 
 from engine.sources import cache_dir
 
-from . import local, nodes
+from . import exposure, local, nodes
 from .nodes import ClusterState, NodeRecord
+
+
+LOOPBACK = nodes.LOOPBACK
 
 
 def _err(msg: str) -> int:
@@ -104,9 +107,9 @@ def live_state() -> ClusterState | None:
     return None
 
 
-def _node_env(auth: str) -> dict[str, str]:
+def _node_env(auth: str, loopback: bool = False) -> dict[str, str]:
     """This environment plus what a fleet node needs (OpenBLAS on Linux, multi-node macOS, auth mode)."""
-    return local.child_env(nodes.node_env(auth))  # type: ignore[arg-type]
+    return local.child_env(nodes.node_env(auth, loopback))  # type: ignore[arg-type]
 
 
 def _logs_dir() -> Path:
@@ -156,24 +159,24 @@ def _check_ports(*ports: int) -> str | None:
     return None
 
 
-def _ensure_auth(auth: str, dry_run: bool = False) -> str | None:
-    """The token file (made if missing); sets this process's own auth mode to the cluster's."""
+def _ensure_auth(dry_run: bool = False) -> str | None:
+    """The token file (made if missing; None when the token is in ``RAY_AUTH_TOKEN``); turns token
+    auth on for this process, which talks to the GCS next. Every node we start uses token auth: Ray's
+    GCS listens on every interface whatever address it is given."""
     if dry_run:
-        return None if auth != "token" or os.environ.get(nodes.TOKEN_ENV) else str(nodes.token_path())
-    os.environ[nodes.AUTH_MODE_ENV] = auth  # before this process talks to the GCS
+        return None if os.environ.get(nodes.TOKEN_ENV) else str(nodes.token_path())
+    os.environ[nodes.AUTH_MODE_ENV] = "token"
     nodes.refresh_ray_auth()
-    return nodes.ensure_token() if auth == "token" else None
-
-
-def _node_ip() -> str:
-    from ray._private.services import get_node_ip_address
-
-    return get_node_ip_address()
+    return nodes.ensure_token()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     if (args.simulate is None) == (args.inventory is None):
         return _err("give --inventory FILE (a fleet of Macs) or --simulate N (N hosts on this machine)")
+    if args.auth != "token":  # a fleet head is reachable from the LAN by design
+        return _err(exposure.ray_auth_refusal(
+            "start a fleet's Ray nodes", "A fleet's head is reachable from the LAN by design (the other Macs join "
+            "through it): `cluster up` always uses token auth; leave out --auth disabled."))
     if live_state() is not None:
         state = nodes.read_state()
         assert state is not None
@@ -191,15 +194,16 @@ def _up_simulate(args: argparse.Namespace) -> int:
         return _err("--simulate needs at least 1 host")
     if args.dry_run:
         for i in range(1, n + 1):
-            print(shlex.join(_sim_argv(args, i, "<this machine>", 0)))
+            print(nodes.shell_line(nodes.node_env("token", loopback=True),
+                                   _sim_argv(args, i, f"{LOOPBACK}:{args.port}", nodes.free_port())))
         return 0
     problem = _check_ports(args.port, args.dashboard_port)
     if problem:
         return _err(problem)
-    token = _ensure_auth(args.auth)
-    env = _node_env(args.auth)
+    token = _ensure_auth()
+    env = _node_env("token", loopback=True)  # every simulated host is this machine: all of Ray on 127.0.0.1
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "5")  # a simulated host drains for 5 s, not 30
-    address = f"{_node_ip()}:{args.port}"
+    address = f"{LOOPBACK}:{args.port}"
     client_port = nodes.free_port()
     logs = _logs_dir()
     records = [NodeRecord(host=f"sim-{i}", head=i == 1, argv=_sim_argv(args, i, address, client_port),
@@ -207,7 +211,7 @@ def _up_simulate(args: argparse.Namespace) -> int:
     for r in records:
         Path(r.log or "").unlink(missing_ok=True)
     state = ClusterState(mode="simulate", address=address, dashboard_url=f"http://127.0.0.1:{args.dashboard_port}",
-                         auth_mode=args.auth, token_path=token, temp_dir=args.temp_dir, nodes=records)
+                         auth_mode="token", token_path=token, temp_dir=args.temp_dir, nodes=records)
     t0 = time.monotonic()
     print(f"starting {n} simulated host(s) on this machine: {', '.join(r.host for r in records)} ...", flush=True)
     try:
@@ -227,10 +231,10 @@ def _up_simulate(args: argparse.Namespace) -> int:
 
 
 def _sim_argv(args: argparse.Namespace, i: int, address: str, client_port: int) -> list[str]:
-    return nodes.ray_start_argv(
+    return nodes.loopback_node_argv(nodes.ray_start_argv(
         host=f"sim-{i}", head=i == 1, address=address, port=args.port, dashboard_port=args.dashboard_port,
-        client_port=client_port, num_cpus=args.num_cpus, temp_dir=args.temp_dir, block=True,
-        ray=local.ray_bin(), same_machine=True)
+        client_port=client_port, node_ip=LOOPBACK, num_cpus=args.num_cpus, temp_dir=args.temp_dir, block=True,
+        ray=local.ray_bin(), same_machine=True))
 
 
 def _print_next_steps(state: ClusterState) -> None:
@@ -259,7 +263,7 @@ def _up_inventory(args: argparse.Namespace) -> int:
                     "pass --this-host if its address is reached through a name this machine does not know")
     address = nodes.gcs_address(fleet, args.port)  # as the other Macs reach it
     local_address = f"{nodes.resolve(head.address)}:{args.port}"  # as this machine's clients do
-    token = _ensure_auth(args.auth, args.dry_run)
+    token = _ensure_auth(args.dry_run)
     ray = local.ray_bin()
     workers = [h for h in fleet.hosts if h.name != head.name]
 
@@ -267,21 +271,18 @@ def _up_inventory(args: argparse.Namespace) -> int:
     if not args.dry_run:
         launcher.parent.mkdir(parents=True, exist_ok=True)
         launcher.write_text(nodes.launcher_yaml(fleet, port=args.port, dashboard_port=args.dashboard_port,
-                                                auth_mode=args.auth, ray=args.remote_ray))
+                                                auth_mode="token", ray=args.remote_ray))
 
-    head_line = nodes.shell_line(nodes.node_env(args.auth), nodes.head_argv(
+    head_line = nodes.shell_line(nodes.node_env("token"), nodes.head_argv(
         fleet, port=args.port, dashboard_port=args.dashboard_port, dashboard_host=args.dashboard_host, ray="ray"))
     print(f"fleet {args.inventory}: head {head.name} at {address}; usable memory: {nodes.memory_summary(fleet)}")
-    if args.auth == "token":
-        print(f"token authentication on: the token is {token or '$' + nodes.TOKEN_ENV} (keep it secret); "
-              "every Mac needs a copy")
-    else:
-        print("token authentication OFF (--auth disabled): anyone who reaches these ports can run code on the fleet")
+    print(f"token authentication on: the token is {token or '$' + nodes.TOKEN_ENV} (keep it secret); "
+          "every Mac needs a copy")
     record = NodeRecord(host=head.name, head=True, log=str(_logs_dir() / f"{head.name}.log"), argv=nodes.head_argv(
         fleet, port=args.port, dashboard_port=args.dashboard_port, dashboard_host=args.dashboard_host, ray=ray,
         block=True))
     state = ClusterState(mode="inventory", address=local_address, dashboard_url=f"http://127.0.0.1:{args.dashboard_port}",
-                         auth_mode=args.auth, token_path=token, inventory=str(Path(args.inventory).resolve()),
+                         auth_mode="token", token_path=token, inventory=str(Path(args.inventory).resolve()),
                          nodes=[record])
     if args.dry_run:
         print(f"\non {head.name} (this command would start it):\n  {head_line}")
@@ -291,7 +292,7 @@ def _up_inventory(args: argparse.Namespace) -> int:
             return _err(problem)
         print(f"starting the Ray head ({head.name}) ...", flush=True)
         try:
-            _start_and_wait([record], _node_env(args.auth), local_address, args.timeout,
+            _start_and_wait([record], _node_env("token"), local_address, args.timeout,
                             on_started=lambda: nodes.write_state(state))
         except (RuntimeError, TimeoutError, KeyboardInterrupt) as e:
             _stop_records([record])
@@ -315,9 +316,8 @@ def _up_inventory(args: argparse.Namespace) -> int:
         print("\nstart the other Macs (each line as it is; `ray` from the same mlx-serving install):")
         for h in workers:
             print(f"\n# {h.name} ({h.chip}, {h.usable_gb:.1f} GB usable)")
-            if args.auth == "token":
-                print(f"{nodes.token_copy_line(h, token)}     # from this machine: copies the token")
-            line = nodes.shell_line(nodes.node_env(args.auth), nodes.worker_argv(fleet, h, port=args.port, ray=args.remote_ray))
+            print(f"{nodes.token_copy_line(h, token)}     # from this machine: copies the token")
+            line = nodes.shell_line(nodes.node_env("token"), nodes.worker_argv(fleet, h, port=args.port, ray=args.remote_ray))
             print(f"ssh {shlex.quote(nodes.ssh_target(h))}  # then, on {h.name}:\n{line}")
         print("\n(`mlx-serving cluster up --inventory FILE --ssh` runs these for you; stop a Mac started by hand "
               "with `ray stop` on it.)")
@@ -331,21 +331,19 @@ def _ssh_start(fleet: Any, workers: list[Any], args: argparse.Namespace, token: 
                *, dry_run: bool) -> list[NodeRecord]:
     out = []
     for h in workers:
-        remote = nodes.remote_start_command(fleet, h, port=args.port, auth_mode=args.auth, ray=args.remote_ray)
+        remote = nodes.remote_start_command(fleet, h, port=args.port, auth_mode="token", ray=args.remote_ray)
         if dry_run:
-            if args.auth == "token":
-                print(nodes.token_copy_line(h, token))
+            print(nodes.token_copy_line(h, token))
             print(shlex.join(nodes.ssh_argv(h, remote)))
             continue
         try:
-            if args.auth == "token":
-                secret = Path(token).read_bytes() if token else os.environ[nodes.TOKEN_ENV].encode()
-                res = subprocess.run(nodes.ssh_argv(h, "mkdir -p ~/.ray && umask 077 && cat > ~/.ray/auth_token"),
-                                     input=secret, capture_output=True, timeout=60)
-                if res.returncode != 0:
-                    print(f"{h.name}: copying the token failed: {res.stderr.decode(errors='replace').strip()}",
-                          file=sys.stderr)
-                    continue
+            secret = Path(token).read_bytes() if token else os.environ[nodes.TOKEN_ENV].encode()
+            res = subprocess.run(nodes.ssh_argv(h, "mkdir -p ~/.ray && umask 077 && cat > ~/.ray/auth_token"),
+                                 input=secret, capture_output=True, timeout=60)
+            if res.returncode != 0:
+                print(f"{h.name}: copying the token failed: {res.stderr.decode(errors='replace').strip()}",
+                      file=sys.stderr)
+                continue
             res = subprocess.run(nodes.ssh_argv(h, remote), stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                  timeout=60)
         except subprocess.TimeoutExpired:
@@ -408,25 +406,31 @@ def start_local_head(*, port: int, dashboard_port: int, num_cpus: int | None, ti
     """The one-machine cluster of `mlx-serving up`: a head labelled with this machine's name, run as
     `ray start --block` in its own process group and recorded, so `down` stops it and no other Ray.
 
-    Auth follows Ray's own default: ``RAY_AUTH_MODE`` if set, else token auth when a token exists.
+    Every Ray process of it listens on 127.0.0.1 only (``nodes.LOOPBACK_ENV`` says how), and it runs
+    with token auth too (a token is made if missing): ``RAY_AUTH_MODE=disabled`` in this environment
+    is refused.
     """
+    if os.environ.get(nodes.AUTH_MODE_ENV, "token") != "token":
+        raise RuntimeError(exposure.ray_auth_refusal(
+            f"start a Ray head ({nodes.AUTH_MODE_ENV}={os.environ[nodes.AUTH_MODE_ENV]} in this environment)",
+            f"Unset {nodes.AUTH_MODE_ENV} (or set it to token): `mlx-serving up` then starts the head with token auth, "
+            f"making a token in {nodes.token_path()} if there is none."))
     problem = _check_ports(port, dashboard_port)
     if problem:
         raise RuntimeError(problem)
-    env_mode = os.environ.get(nodes.AUTH_MODE_ENV)
-    has_token = bool(os.environ.get(nodes.TOKEN_ENV)) or nodes.token_path().is_file()
-    auth = env_mode if env_mode in ("token", "disabled") else ("token" if has_token else "disabled")
-    token = _ensure_auth(auth)
+    token = _ensure_auth()
     host = local.host_label()
-    address = f"{_node_ip()}:{port}"
+    address = f"{LOOPBACK}:{port}"
     record = NodeRecord(host=host, head=True, log=str(_logs_dir() / "head.log"), argv=nodes.ray_start_argv(
-        host=host, head=True, port=port, dashboard_port=dashboard_port, num_cpus=num_cpus, block=True,
-        ray=local.ray_bin(), same_machine=True))  # no fixed agent/worker ports: another Ray may run here
+        host=host, head=True, port=port, dashboard_port=dashboard_port, dashboard_host=LOOPBACK,
+        client_port=nodes.free_port(), node_ip=LOOPBACK, num_cpus=num_cpus, block=True, ray=local.ray_bin(),
+        same_machine=True))  # no fixed agent/worker ports: another Ray may run here
     Path(record.log or "").unlink(missing_ok=True)
-    state = ClusterState(mode="local", address=address, dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-                         auth_mode=auth, token_path=token, nodes=[record])  # type: ignore[arg-type]
+    state = ClusterState(mode="local", address=address, dashboard_url=f"http://{LOOPBACK}:{dashboard_port}",
+                         auth_mode="token", token_path=token, nodes=[record])
     try:
-        _start_and_wait([record], _node_env(auth), address, timeout, on_started=lambda: nodes.write_state(state))
+        _start_and_wait([record], _node_env("token", loopback=True), address, timeout,
+                        on_started=lambda: nodes.write_state(state))
     except (RuntimeError, TimeoutError, KeyboardInterrupt):
         _stop_records([record])
         nodes.state_file().unlink(missing_ok=True)
@@ -469,7 +473,7 @@ def cmd_start_host(args: argparse.Namespace) -> int:
     nodes.apply_client_env(state)
     print(f"starting {args.host} ...", flush=True)
     try:
-        env = _node_env(state.auth_mode)
+        env = _node_env(state.auth_mode, loopback=state.loopback)
         env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "5")
         _start_and_wait([record], env, state.address, args.timeout)
     except (RuntimeError, TimeoutError) as e:
@@ -526,7 +530,7 @@ def add_parsers(sub: Any) -> None:
     up.add_argument("--dashboard-port", type=int, default=local.DEFAULT_DASHBOARD_PORT)
     up.add_argument("--dashboard-host", default="127.0.0.1", help="bind address of the dashboard (fleet head)")
     up.add_argument("--auth", choices=["token", "disabled"], default="token",
-                    help="Ray token authentication (default: token; the token is made if missing)")
+                    help=argparse.SUPPRESS)  # always token; `disabled` is refused with the reason
     up.add_argument("--num-cpus", type=int, default=2, help="logical CPUs per simulated host (default 2)")
     up.add_argument("--temp-dir", help="Ray temp dir of simulated hosts (default Ray's, /tmp/ray)")
     up.add_argument("--this-host", help="the inventory name of this machine, if address matching fails")

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from deployments.http.auth import ADMIN_KEYS_ENV, API_KEYS_ENV
 from engine import blas
 from engine.sources import cache_dir
 
@@ -88,9 +89,14 @@ def existing_cluster() -> tuple[str, dict[str, str]] | None:
     return None
 
 
+# Plain API keys stay in the `up` process: it deploys their hashes. A Ray head that inherited them would
+# hand them to every worker, and an ingress reading them there would keep old keys valid after a rotation.
+SECRET_ENV = (API_KEYS_ENV, ADMIN_KEYS_ENV)
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for Ray processes we start: OpenBLAS on Linux, multi-node on macOS."""
-    env = dict(os.environ)
+    """Environment for Ray processes we start: OpenBLAS on Linux, multi-node on macOS, no API keys."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     env.update(blas.preload_env())
     if sys.platform == "darwin":
         env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")

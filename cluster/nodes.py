@@ -5,14 +5,24 @@ Every node joins with the label ``host=<name>`` (what replicas are pinned by) an
 ``ray start --block`` in their own process group, and ``cluster-state.json`` records their process
 ids, so ``mlx-serving cluster down`` stops exactly those nodes and never another Ray on the machine
 (no ``ray stop``, which stops every Ray of the user). ``--simulate N`` starts N such nodes here, each
-labelled as its own host, so the whole fleet path runs on one machine.
+labelled as its own host and addressed as 127.0.0.1, so the whole fleet path runs on one machine.
 
 Token authentication (Ray >= 2.59): ``ray start --head`` turns it on when ``RAY_AUTH_MODE=token``,
 or on its own when a token already exists (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or
 ``RAY_AUTH_TOKEN``). Worker nodes never turn it on by themselves: each needs ``RAY_AUTH_MODE=token``
 and the same token. So the tooling sets ``RAY_AUTH_MODE`` explicitly on every node and copies the
 head's token to every Mac; clients connecting with an explicit address need ``RAY_AUTH_MODE=token``
-too (``ray.init(address="auto")`` on a machine holding the token finds it by itself).
+too (``ray.init(address="auto")`` on a machine holding the token finds it by itself). Every node the
+tooling starts uses token auth.
+
+Loopback clusters (`up`'s own head, simulated hosts). With a LAN node address Ray binds the GCS, the
+raylet, the agents and every worker to every interface or to that address; with 127.0.0.1 it binds
+them all to 127.0.0.1 (measured, Ray 2.60; each Serve replica's gRPC server stays on ``[::]``). But
+whenever multi-node clusters are enabled (always on Linux; on macOS with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``) Ray replaces a loopback ``--node-ip-address`` or
+``--address`` by the machine's LAN address (``services.resolve_ip_for_localhost``). So every process
+of a loopback cluster, and its clients, run with that variable at 0, and a worker node, which ``ray
+start`` refuses to start then, is started through this module (``loopback_node_argv``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ OSX_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+LOOPBACK = "127.0.0.1"
+LOOPBACK_ENV = {OSX_CLUSTER_ENV: "0"}  # Ray keeps a loopback node address (see the module docstring)
 HOST_RESOURCE_UNITS = 1000  # `host:<name>` units per node: room for many fractional requests
 REMOTE_LOG = "~/.mlx-serving/ray-node.log"
 
@@ -70,9 +82,14 @@ class ClusterState(BaseModel):
     nodes: list[NodeRecord]
     started: float = Field(default_factory=time.time)
 
+    @property
+    def loopback(self) -> bool:
+        """Whether every node of the cluster is this machine, on 127.0.0.1."""
+        return self.address.rpartition(":")[0] == LOOPBACK
+
     def client_env(self) -> dict[str, str]:
         """Environment a client of this cluster (driver, `ray status`, `serve deploy`) needs."""
-        env = {AUTH_MODE_ENV: self.auth_mode}
+        env = {AUTH_MODE_ENV: self.auth_mode, **(LOOPBACK_ENV if self.loopback else {})}
         if self.auth_mode == "token" and self.token_path and Path(self.token_path) != default_token_path():
             env[TOKEN_PATH_ENV] = self.token_path
         return env
@@ -193,9 +210,37 @@ def ray_start_argv(
     return argv
 
 
-def node_env(auth_mode: AuthMode) -> dict[str, str]:
-    """What every fleet node needs in its environment: multi-node on macOS, an explicit auth mode."""
-    return {OSX_CLUSTER_ENV: "1", AUTH_MODE_ENV: auth_mode}
+def node_env(auth_mode: AuthMode, loopback: bool = False) -> dict[str, str]:
+    """What every fleet node needs in its environment: multi-node on macOS, an explicit auth mode; for
+    a node of a loopback cluster, Ray's multi-node switch off, so it keeps 127.0.0.1."""
+    return {**({OSX_CLUSTER_ENV: "1"} if not loopback else LOOPBACK_ENV), AUTH_MODE_ENV: auth_mode}
+
+
+def loopback_node_argv(argv: list[str]) -> list[str]:
+    """``ray start ...`` of a node of a loopback cluster as it must run: a worker node goes through
+    this module, which lets ``ray start`` join while multi-node stays off (the module docstring says why)."""
+    if "--head" in argv:
+        return argv
+    return [sys.executable, "-m", "cluster.nodes", "ray", *argv[1:]]
+
+
+def _ray_start_on_loopback(args: list[str]) -> None:
+    """``ray start ARGS`` with Ray's multi-node switch on for ``ray start``'s own check only.
+
+    The process keeps ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (so Ray keeps the loopback addresses, here
+    and in every process it starts); ``ray start`` alone sees the switch on and lets a worker node join.
+    """
+    import types
+
+    import ray._private.ray_constants as constants
+    from ray.scripts import scripts
+
+    view = types.ModuleType(constants.__name__)
+    view.__dict__.update(constants.__dict__)
+    view.ENABLE_RAY_CLUSTER = True
+    scripts.ray_constants = view  # type: ignore[attr-defined]
+    sys.argv = ["ray", *args]
+    scripts.main()
 
 
 def shell_arg(arg: str) -> str:
@@ -508,3 +553,9 @@ def wait_for_hosts(address: str, hosts: list[str], timeout: float, failed: Calla
 
 def memory_summary(fleet: Fleet) -> str:
     return ", ".join(f"{h.name} {h.usable_bytes / GB:.1f} GB" for h in fleet.hosts)
+
+
+if __name__ == "__main__":  # `python -m cluster.nodes ray start ...`: see loopback_node_argv
+    if sys.argv[1:2] != ["ray"]:
+        sys.exit("usage: python -m cluster.nodes ray start ARGS...")
+    _ray_start_on_loopback(sys.argv[2:])

@@ -2,40 +2,81 @@
 
 Runs the real CLI in subprocesses. ``RAY_TMPDIR`` points Ray at a directory of this test's own, so
 `up` finds no running cluster there and starts its head; the session's Ray cluster on the same
-machine must survive `down` (it never runs `ray stop`).
+machine must survive `down` (it never runs `ray stop`). ``RAY_AUTH_TOKEN_PATH`` points at a file of
+the test's own: `up` makes the token there.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+import httpx
+import psutil
+import pytest
 from openai import OpenAI
 
-from cluster import nodes
+from cluster import exposure, nodes
+from deployments.http.auth import hash_key, new_key
 
 MLX_SERVING = Path(sys.executable).with_name("mlx-serving")
 
 
-def test_up_serves_the_demo_and_down_stops_only_its_own_head(ray_cluster: Any, tmp_path: Path) -> None:
+def _env(tmp_path: Path, rt: Path, **extra: str) -> dict[str, str]:
+    """This test's own cache, Ray temp dir and token file; no Ray address, auth mode or key but ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLX_SERVING_API_KEYS", "MLX_SERVING_ADMIN_KEYS")}
+    return {**env, "MLX_SERVING_CACHE": str(tmp_path / "cache"), "RAY_TMPDIR": str(rt),
+            "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token"), **extra}
+
+
+def test_up_refuses_a_network_port_without_a_key_before_starting_anything(tmp_path: Path) -> None:
+    rt = Path(tempfile.mkdtemp(prefix="mlxr-", dir="/tmp"))
+    try:
+        t0 = time.monotonic()
+        res = subprocess.run([str(MLX_SERVING), "up", "--host", "0.0.0.0", "--port", "18123"], capture_output=True,
+                             text=True, env=_env(tmp_path, rt), timeout=120)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "--allow-unauthenticated-network" in res.stderr
+        assert "args.auth.allow_unauthenticated_network: true" in res.stderr
+        assert "0.0.0.0:18123 is reachable from the network" in res.stderr
+        assert "starting a Ray head" not in res.stdout and time.monotonic() - t0 < 60
+        assert not (tmp_path / "token").exists() and not (tmp_path / "cache" / "cluster-state.json").exists()
+        assert not any(rt.iterdir())  # no Ray session was made
+    finally:
+        shutil.rmtree(rt, ignore_errors=True)
+
+
+def _replicas(details: dict[str, Any], deployment: str) -> list[tuple[str, int]]:
+    deps = details["applications"]["mlx-serving"]["deployments"]
+    return sorted((r["replica_id"], r["pid"]) for r in deps[deployment]["replicas"] if r["state"] == "RUNNING")
+
+
+def test_up_serves_the_demo_with_keys_and_down_stops_only_its_own_head(ray_cluster: Any, tmp_path: Path) -> None:
     from conftest import free_port, kill_processes_naming
 
     cache = tmp_path / "cache"
     rt = Path(tempfile.mkdtemp(prefix="mlxu-", dir="/tmp"))  # Ray's socket paths must stay short
-    env = {**os.environ, "MLX_SERVING_CACHE": str(cache), "RAY_TMPDIR": str(rt),
-           "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token")}
-    for k in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
-        env.pop(k, None)
+    key, rotated = new_key(), new_key()
+    env = _env(tmp_path, rt, MLX_SERVING_API_KEYS=key)
     port, gcs, dash = free_port(), free_port(), free_port()
 
-    def cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-        return subprocess.run([str(MLX_SERVING), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    def cli(*args: str, timeout: float = 420, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(MLX_SERVING), *args], capture_output=True, text=True, env={**env, **extra},
+                              timeout=timeout)
+
+    def dashboard_get(path: str, token: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.get(f"http://127.0.0.1:{dash}{path}", headers=headers, timeout=30)
 
     try:
         up = cli("up", "--port", str(port), "--ray-port", str(gcs), "--dashboard-port", str(dash),
@@ -45,20 +86,83 @@ def test_up_serves_the_demo_and_down_stops_only_its_own_head(ray_cluster: Any, t
         base = re.search(r"OpenAI API: (\S+)", up.stdout)
         assert base is not None, up.stdout
         state = nodes.ClusterState.model_validate_json((cache / "cluster-state.json").read_text())
-        assert state.mode == "local" and state.auth_mode == "disabled" and nodes.alive(state.nodes[0])
+        assert state.mode == "local" and state.auth_mode == "token" and nodes.alive(state.nodes[0])
+        assert state.address == f"127.0.0.1:{gcs}" and "--node-ip-address=127.0.0.1" in state.nodes[0].argv
+        token_file = tmp_path / "token"
+        assert state.token_path == str(token_file) and token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) == 64
 
-        client = OpenAI(base_url=base.group(1), api_key="unused", max_retries=0, timeout=120)
+        # What `up` says about exposure, and never a key.
+        assert "Ray token auth: on" in up.stdout
+        assert "API of mlx-serving: a key is required (1 API key(s), 0 admin key(s) configured)" in up.stdout
+        assert f"Serve HTTP: 127.0.0.1:{port} (loopback only)" in up.stdout
+        beyond_text, local_text = up.stdout.split("listening beyond loopback")[1].split("loopback only:")
+        assert re.match(r" \d+ more socket\(s\) of \d+ process\(es\)", local_text), local_text
+        # Beyond loopback: only Serve's inter-deployment gRPC server of each replica (Serve binds it to [::]).
+        found = exposure.listeners(exposure.tree_pids([state.nodes[0].pid]))
+        beyond = exposure.split(found)[0]
+        assert len(found) > 10 and {x.process for x in beyond} == {
+            "ray::ServeReplica:mlx-serving:model-demo", "ray::ServeReplica:mlx-serving:ingress"}, found
+        assert all(x.host == "::" for x in beyond) and all(f"[::]:{x.port}" in beyond_text for x in beyond)
+        for text in (up.stdout, up.stderr, *(p.read_text() for p in cache.glob("*.json"))):
+            assert key not in text
+        for x in beyond:  # ... and it needs the Ray token (calls over loopback; a wrong token is refused too)
+            for metadata in [(), (("authorization", "Bearer " + "0" * 64),)]:
+                with grpc.insecure_channel(f"127.0.0.1:{x.port}") as channel:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        channel.unary_unary("/ray.serve.ASGIService/HandleRequest")(b"", timeout=30, metadata=metadata)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (x, refused.value)
+
+        # The key reached the ingress (as a hash, through its user_config; the Ray head never saw it).
+        r = httpx.post(base.group(1) + "/chat/completions", timeout=120,
+                       json={"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2})
+        assert r.status_code == 401, r.text
+        client = OpenAI(base_url=base.group(1), api_key=key, max_retries=0, timeout=120)
         stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello"}],
                                                 max_tokens=8, stream=True, stream_options={"include_usage": True})
         chunks = list(stream)
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
         assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) >= 1
+        for pid in exposure.tree_pids([state.nodes[0].pid]):
+            try:
+                assert key not in json.dumps(psutil.Process(pid).environ()), pid
+            except psutil.NoSuchProcess:
+                continue
 
-        again = cli("up", "--port", str(port), "--ray-port", str(gcs), "--dashboard-port", str(dash), "--timeout", "300")
+        # What Serve holds (`serve config`, the dashboard): the hash, never the key; the dashboard needs the token.
+        assert dashboard_get("/api/serve/applications/", None).status_code == 401
+        details = dashboard_get("/api/serve/applications/", token)
+        assert details.status_code == 200 and hash_key(key) in details.text and key not in details.text
+        models_before = _replicas(details.json(), "model-demo")
+        assert len(models_before) == 1
+
+        # Rotation: the new key works, the old one no longer does, and no model replica restarted.
+        again = cli("up", "--port", str(port), "--ray-port", str(gcs), "--dashboard-port", str(dash), "--timeout", "300",
+                    MLX_SERVING_API_KEYS=rotated)
         assert again.returncode == 0 and "using the Ray cluster started by `mlx-serving up`" in again.stdout, again.stdout
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+        def answers(k: str) -> int:
+            return httpx.post(base.group(1) + "/chat/completions", json=body, timeout=120,
+                              headers={"Authorization": f"Bearer {k}"}).status_code
+
+        deadline = time.monotonic() + 60  # the ingress reconfigures right after the deploy returns
+        while answers(key) != 401 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert (answers(key), answers(rotated)) == (401, 200)
+        details = dashboard_get("/api/serve/applications/", token).json()
+        assert _replicas(details, "model-demo") == models_before
 
         status = cli("status", timeout=180)
         assert status.returncode == 0 and "model demo: ready" in status.stdout, status.stdout + status.stderr
+        assert "Ray token auth: on" in status.stdout and "a key is required (1 API key(s)" in status.stdout
+        local_text = status.stdout.split("loopback only:")[1]  # status lists them one by one
+        for what, where in [("Ray GCS (gcs_server)", gcs), ("Ray dashboard (dashboard.py)", dash),
+                            ("Serve HTTP proxy (ray::ProxyActor)", port)]:
+            assert re.search(rf"{re.escape(what)} \(pid \d+\): .*127\.0\.0\.1:{where}\b", local_text), what
+        assert "ray::ServeReplica:mlx-serving:ingress" in status.stdout.split("listening beyond loopback")[1]
+        assert key not in status.stdout and rotated not in status.stdout
 
         down = cli("down", timeout=180)
         assert down.returncode == 0, down.stdout + down.stderr
@@ -69,6 +173,22 @@ def test_up_serves_the_demo_and_down_stops_only_its_own_head(ray_cluster: Any, t
 
         assert any(n["Alive"] for n in ray.nodes())
         assert "nothing to stop" in cli("down").stdout
-    finally:  # whatever failed: no Ray process of this test outlives it (they all name its temp dir)
+    finally:  # whatever failed: no Ray process of this test outlives it
+        left = cache / "cluster-state.json"
+        for n in nodes.ClusterState.model_validate_json(left.read_text()).nodes if left.exists() else []:
+            nodes.stop_local(n, hard=True)
         kill_processes_naming(rt)
+        shutil.rmtree(rt, ignore_errors=True)
+
+
+def test_up_refuses_to_start_a_head_with_auth_disabled(tmp_path: Path) -> None:
+    rt = Path(tempfile.mkdtemp(prefix="mlxd-", dir="/tmp"))
+    try:
+        res = subprocess.run([str(MLX_SERVING), "up", "--port", "18124"], capture_output=True, text=True, timeout=180,
+                             env=_env(tmp_path, rt, RAY_AUTH_MODE="disabled"))
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "Ray's GCS listens on every network interface" in res.stderr
+        assert "any host on the network could join the cluster and run code on this machine" in res.stderr
+        assert not (tmp_path / "cache" / "cluster-state.json").exists() and not (tmp_path / "token").exists()
+    finally:
         shutil.rmtree(rt, ignore_errors=True)

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from cluster import nodes, pins
+from cluster import exposure, nodes, pins
 from cluster.cli import main
 from cluster.inventory import load_fleet, parse_fleet
 from cluster.placement import plan
@@ -169,16 +169,35 @@ def test_cluster_up_prints_the_exact_commands_for_every_mac(isolated_cache: Path
     assert worker in out and worker.replace("mac-mini-1", "mac-mini-2") in out
     assert "ssh mlx@mac-mini-1.local 'mkdir -p ~/.ray && umask 077 && cat > ~/.ray/auth_token' <" in out
 
-    assert main(["cluster", "up", "--inventory", str(EXAMPLE), "--dry-run", "--ssh", "--auth", "disabled",
-                 "--remote-ray", "/opt/mlx/bin/ray"]) == 0
+    assert main(["cluster", "up", "--inventory", str(EXAMPLE), "--dry-run", "--ssh", "--remote-ray", "/opt/mlx/bin/ray"]) == 0
     out = capsys.readouterr().out
-    assert "auth_token" not in out.split("token authentication OFF")[1]
+    assert "token authentication on" in out
+    assert "ssh mlx@mac-mini-2.local 'mkdir -p ~/.ray && umask 077 && cat > ~/.ray/auth_token' <" in out
     line = next(x for x in out.splitlines() if x.startswith("ssh -o BatchMode=yes") and "mac-mini-2.local" in x)
-    assert "nohup env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=disabled /opt/mlx/bin/ray start" in line
+    assert "nohup env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token /opt/mlx/bin/ray start" in line
     assert "--block > ~/.mlx-serving/ray-node.log 2>&1 < /dev/null & echo $!" in line
+    # A fleet head is reachable from the LAN by design: no auth-less fleet, with the reason.
+    assert main(["cluster", "up", "--inventory", str(EXAMPLE), "--dry-run", "--auth", "disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "Ray's GCS listens on every network interface" in err and "run code on this machine" in err
+    assert "always uses token auth" in err
     # Not the head (the example's 10.0.0.10 is not this machine): refused, nothing started.
     assert main(["cluster", "up", "--inventory", str(EXAMPLE)]) == 1
     assert "not the inventory's head 'mac-studio-1'" in capsys.readouterr().err
+    assert not nodes.state_file().exists()
+
+
+def test_simulated_hosts_use_loopback_only(isolated_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cluster", "up", "--simulate", "3", "--port", "6400", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    # Ray keeps a loopback node address only with its multi-node switch off; workers join through our module.
+    assert all(x.startswith("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token ") for x in lines)
+    assert all("--node-ip-address=127.0.0.1" in x for x in lines)
+    assert "ray start --head --port=6400" in lines[0]
+    assert all(" -m cluster.nodes ray start --address=127.0.0.1:6400 " in x for x in lines[1:])
+    client_port = int(lines[0].split("--ray-client-server-port=")[1].split()[0])
+    assert 1024 <= client_port <= 65535  # Ray refuses 0
     assert not nodes.state_file().exists()
 
 
@@ -230,17 +249,37 @@ def test_cluster_up_simulate_3_then_down_stops_exactly_those_nodes(ray_cluster: 
         state = nodes.ClusterState.model_validate_json((cache / "cluster-state.json").read_text())
         assert [n.host for n in state.nodes] == ["sim-1", "sim-2", "sim-3"] and state.nodes[0].head
         assert state.auth_mode == "token" and (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+        assert state.address == f"127.0.0.1:{port}"  # loopback only: no simulated host uses the LAN address
         assert all(nodes.alive(n) for n in state.nodes)
-        probe = ("import json; from cluster import nodes; "
-                 f"print(json.dumps(sorted(nodes.alive_hosts({state.address!r}))))")
+        probe = ("import json, ray; from ray.core.generated import gcs_pb2; "
+                 f"c = ray._raylet.GcsClient(address={state.address!r}); "
+                 "print(json.dumps(sorted([dict(i.labels)['host'], i.node_manager_address] for i in "
+                 "c.get_all_node_info(timeout=10).values() if i.state == gcs_pb2.GcsNodeInfo.ALIVE)))")
         seen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
                               env={**env, **state.client_env()}, cwd=REPO)
-        assert json.loads(seen.stdout.strip().splitlines()[-1]) == ["sim-1", "sim-2", "sim-3"], seen.stderr
+        assert json.loads(seen.stdout.strip().splitlines()[-1]) == [
+            ["sim-1", "127.0.0.1"], ["sim-2", "127.0.0.1"], ["sim-3", "127.0.0.1"]], seen.stderr
+        found = exposure.listeners(exposure.tree_pids(n.pid for n in state.nodes if n.pid))
+        beyond, loopback = exposure.split(found)
+        assert beyond == [] and any(x.port == port and "gcs_server" in x.process for x in loopback), found
+        assert sum("raylet" in x.process for x in loopback) >= 3  # every node's, all on 127.0.0.1
+        (tmp_path / "wrong").write_text("0" * 64)
+        refused = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                                 env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong")},
+                                 cwd=REPO)
+        assert refused.returncode != 0 and "sim-1" not in refused.stdout  # a wrong token: refused by the GCS
         again = cli("cluster", "up", "--simulate", "2", "--port", str(free_port()), "--dashboard-port", str(free_port()))
         assert again.returncode == 1 and "cluster down" in again.stderr
 
         lost = cli("cluster", "stop-host", "sim-3")
         assert lost.returncode == 0 and not nodes.alive(state.nodes[2])
+        back = cli("cluster", "start-host", "sim-3")  # a worker restarts on loopback too
+        assert back.returncode == 0 and "sim-3 is back" in back.stdout, back.stdout + back.stderr
+        seen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                              env={**env, **state.client_env()}, cwd=REPO)
+        assert ["sim-3", "127.0.0.1"] in json.loads(seen.stdout.strip().splitlines()[-1]), seen.stderr
+        state = nodes.ClusterState.model_validate_json((cache / "cluster-state.json").read_text())  # sim-3's new pid
+        assert cli("cluster", "stop-host", "sim-3").returncode == 0 and not nodes.alive(state.nodes[2])
         assert cli("cluster", "stop-host", "sim-1").returncode == 1  # the head: refused
 
         down = cli("cluster", "down", timeout=180)
@@ -251,7 +290,9 @@ def test_cluster_up_simulate_3_then_down_stops_exactly_those_nodes(ray_cluster: 
         import ray  # the session's own cluster, on the same machine, is untouched
 
         assert any(n["Alive"] and n["Labels"].get("host") == "sim-1" for n in ray.nodes())
-    finally:  # whatever failed: no Ray process of this test outlives it (they all name its temp dir)
+    finally:  # whatever failed: no Ray process of this test outlives it
+        for n in state.nodes if state is not None else []:
+            nodes.stop_local(n, hard=True)
         kill_processes_naming(rt)
         shutil.rmtree(rt, ignore_errors=True)
 
