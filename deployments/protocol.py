@@ -7,6 +7,7 @@ vLLM and mlx_lm.server accept them.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -157,6 +158,13 @@ class UsageInfo(BaseModel):
                    draft_tokens=u.draft_tokens, accepted_draft_tokens=u.accepted_draft_tokens)
 
 
+LOGPROB_FLOOR = -9999.0  # what a token the grammar or a bias ruled out (-inf) reports: JSON has no -inf (as vLLM)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
 class TopLogprobOut(BaseModel):
     token: str
     logprob: float
@@ -175,8 +183,9 @@ class ChatLogprobs(BaseModel):
         if lps is None:
             return None
         return cls(content=[ChatLogprobOut(
-            token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()),
-            top_logprobs=[TopLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.token.encode())) for t in lp.top_logprobs],
+            token=lp.token, logprob=_finite(lp.logprob), bytes=list(lp.token.encode()),
+            top_logprobs=[TopLogprobOut(token=t.token, logprob=_finite(t.logprob), bytes=list(t.token.encode()))
+                          for t in lp.top_logprobs],
         ) for lp in lps])
 
 
@@ -189,8 +198,8 @@ class CompletionLogprobs(BaseModel):
     def of(cls, lps: list[TokenLogprob] | None) -> CompletionLogprobs | None:
         if lps is None:
             return None
-        return cls(tokens=[lp.token for lp in lps], token_logprobs=[lp.logprob for lp in lps],
-                   top_logprobs=[{t.token: t.logprob for t in lp.top_logprobs} for lp in lps])
+        return cls(tokens=[lp.token for lp in lps], token_logprobs=[_finite(lp.logprob) for lp in lps],
+                   top_logprobs=[{t.token: _finite(t.logprob) for t in lp.top_logprobs} for lp in lps])
 
 
 class AssistantMessage(BaseModel):

@@ -254,6 +254,8 @@ class Engine:
 
 def _check_ids(ids: list[int], limit: int, param: str) -> None:
     """Token ids a client sends must name tokens of the tokenizer (a padded embedding is wider)."""
+    if not ids:
+        return
     low, high = min(ids), max(ids)
     if low < 0 or high >= limit:
         bad = low if low < 0 else high

@@ -302,3 +302,21 @@ def test_ready_answers_from_a_cache_refreshed_off_the_event_loop(monkeypatch: py
     loop_thread, first, later = asyncio.run(go())
     assert all(s[0].ready for s in first) and later[0].ready
     assert len(reads) == 2 and loop_thread not in reads  # 50 callers, one read; a stale cache, one more
+
+
+def test_tokens_a_grammar_rules_out_report_finite_logprobs(base: str) -> None:
+    """Found by fuzzing: a masked token's logprob is -inf, which JSON cannot carry (it was a 500)."""
+    body = {"model": "h-demo", "prompt": "f", "max_tokens": 4, "logprobs": 5, "guided_choice": ["yes", "no"]}
+    r = httpx.post(base + "/v1/completions", json=body, headers=auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    values = lp["token_logprobs"] + [v for top in lp["top_logprobs"] for v in top.values()]
+    assert values and all(-9999.0 <= v <= 0.0 for v in values) and min(values) == -9999.0
+    chat = {"model": "h-demo", "messages": [{"role": "user", "content": "f"}], "max_tokens": 4, "logprobs": True,
+            "top_logprobs": 5, "guided_choice": ["yes", "no"]}
+    _, events, _ = stream_text(base, chat)
+    tops = [t["logprob"] for e in events for c in e["choices"] if c.get("logprobs")
+            for x in c["logprobs"]["content"] for t in x["top_logprobs"]]
+    assert tops and min(tops) == -9999.0
+    r = httpx.post(base + "/detokenize", json={"model": "h-demo", "tokens": []}, headers=auth(), timeout=60)
+    assert r.status_code == 200 and r.json() == {"prompt": ""}
