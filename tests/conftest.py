@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray replaces a 127.0.0.1 node address by the machine's LAN address while multi-node clusters are
+# enabled (always on Linux): off, the session's nodes and everything they start stay on loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +66,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 4, "labels": {"host": "sim-1"}, "resources": {"host:sim-1": 1000},
-                        "include_dashboard": False},
+                        "include_dashboard": False, "node_ip_address": "127.0.0.1"},
     )
     ray.init(address=cluster.address, runtime_env={"env_vars": {
         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MLX_SERVING_CACHE": str(cache)}})

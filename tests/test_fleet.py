@@ -303,7 +303,8 @@ APP = "fleet"
 
 
 def add_host(cluster: Any, name: str) -> Any:
-    return cluster.add_node(num_cpus=1, labels={"host": name}, resources={f"host:{name}": 1000})
+    return cluster.add_node(num_cpus=1, labels={"host": name}, resources={f"host:{name}": 1000},
+                            node_ip_address="127.0.0.1")
 
 
 def placements(app: str = APP) -> dict[str, list[tuple[str | None, str]]]:

@@ -304,6 +304,9 @@ def test_gpu_thread_death_is_heard_at_once_and_unstarted_requests_can_be_retried
         return await asyncio.gather(drain(), waiting, return_exceptions=True), t0
 
     (mid_stream, unstarted), crashed_at = run(go())
+    deadline = time.monotonic() + 5  # the listeners run on the dying thread, after every waiter is told
+    while not heard and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(heard) == 1 and heard[0][1] - crashed_at < 2.0
     assert isinstance(mid_stream, EngineFailureError) and mid_stream.code == "engine_dead"
     assert isinstance(unstarted, EngineFailureError) and unstarted.code == "engine_dead"  # the ingress retries these

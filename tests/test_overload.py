@@ -35,6 +35,7 @@ def test_four_times_capacity_degrades_to_429_and_recovers(app_url: str, tiny_mod
     assert set(over["statuses"]) <= {"200", "429", "503"} and over["statuses"].get("429", 0) > 0  # it did overload
     assert over["statuses"].get("200", 0) > 0 and over["hung"] == 0 and over["missing_retry_after"] == 0
     assert doc["rss_bytes"]["growth"] is not None and doc["rss_bytes"]["growth"] <= 0.10
+    assert len(doc["rss_bytes"]["samples_overload"]) >= 3
     assert doc["recovered"]
 
 
