@@ -338,8 +338,10 @@ def test_a_name_with_any_internal_address_is_refused(monkeypatch: pytest.MonkeyP
 # -- item 6: TLS to the pinned address, checked against the name -----------------------------------
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for DNS name ``images.test`` only (no IP address in it)."""
-    x509 = pytest.importorskip("cryptography.x509")
+    """A self-signed certificate for DNS name ``images.test`` only (no IP address in it).
+
+    ``cryptography`` comes with mlx-vlm, a dependency of ours: never skipped."""
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
