@@ -122,7 +122,9 @@ class Ingress:
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
         target = await self.targets.resolve(body.model, request, self.auth)
         messages = [m.model_dump(mode="json", exclude_none=True) for m in body.messages] if body.messages else None
-        tokens = await unary(lambda: target.handle.tokenize.remote(body.prompt, messages, body.add_generation_prompt))
+        tools = [t.model_dump(mode="json", exclude_none=True) for t in body.tools] if body.tools else None
+        tokens = await unary(lambda: target.handle.tokenize.remote(body.prompt, messages, body.add_generation_prompt,
+                                                                   tools, body.chat_template_kwargs))
         return TokenizeResponse(tokens=tokens, count=len(tokens))
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)

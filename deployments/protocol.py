@@ -15,10 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.errors import InvalidRequestError
+from engine.tools import assemble
 from engine.request import (
-    MAX_CACHE_SALT_CHARS, MAX_CHOICE_CHARS, MAX_CHOICES, MAX_MESSAGES, MAX_NEW_TOKENS, MAX_SEED, MAX_STOP,
-    MAX_STOP_CHARS, MAX_TOKEN_IDS, MIN_SEED, ChatMessage, GenerationChunk, GenerationRequest, SamplingParams,
-    TokenLogprob,
+    MAX_CACHE_SALT_CHARS, MAX_CHOICE_CHARS, MAX_CHOICES, MAX_MESSAGES, MAX_N, MAX_NEW_TOKENS, MAX_SEED, MAX_STOP,
+    MAX_STOP_CHARS, MAX_TOKEN_IDS, MAX_TOOLS, MIN_SEED, ChatMessage, GenerationChunk, GenerationRequest,
+    SamplingParams, TokenLogprob, ToolCallDelta, ToolChoice, ToolDef,
 )
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
@@ -47,7 +48,8 @@ class _SamplingFields(BaseModel):
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate; they share one prefill. At most the "
+                                                  "engine's max_n (default 8).")
     user: str | None = None
     priority: Literal["interactive", "batch"] = "interactive"
     response_format: dict[str, Any] | None = Field(
@@ -99,15 +101,29 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(None, description="none | auto (the default with tools) | required | "
+                                                             "{type: function, function: {name}}.")
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extension (as in vLLM): passed to the chat template, e.g. {\"enable_thinking\": false}; "
+                          "a key the template does not use is a 400.")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        None, description="Passed to the chat template as `reasoning_effort` (a 400 when the template does not use it).")
 
     def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str,
                   cache_scope: str) -> GenerationRequest:
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
         return GenerationRequest(
             model=self.model, messages=self.messages,
             sampling=self.sampling(self.max_completion_tokens or self.max_tokens, default_max_tokens,
                                    self.logprobs, self.top_logprobs or 0),
             priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
-            num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope,
+            num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope, n=self.n, tools=self.tools,
+            tool_choice=self.tool_choice, parallel_tool_calls=self.parallel_tool_calls,
+            chat_template_kwargs=kwargs or None,
         )
 
 
@@ -131,7 +147,7 @@ class CompletionRequest(_SamplingFields):
             model=self.model, **prompt,
             sampling=self.sampling(self.max_tokens, default_max_tokens, self.logprobs is not None, self.logprobs or 0),
             priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
-            num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope,
+            num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope, n=self.n,
         )
 
 
@@ -149,13 +165,19 @@ class UsageInfo(BaseModel):
     accepted_draft_tokens: int | None = Field(None, description="Extension: draft tokens the model accepted.")
 
     @classmethod
-    def of(cls, chunk: GenerationChunk) -> UsageInfo | None:
-        u = chunk.usage
-        if u is None:
+    def total(cls, chunks: list[GenerationChunk]) -> UsageInfo | None:
+        """The usage of a request from its choices' last chunks: the prompt once, every choice's tokens."""
+        usages = [c.usage for c in chunks if c.usage is not None]
+        if not usages:
             return None
-        return cls(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens),
-                   draft_tokens=u.draft_tokens, accepted_draft_tokens=u.accepted_draft_tokens)
+        first = usages[0]
+        completion = sum(u.completion_tokens for u in usages)
+        drafts = [u.draft_tokens for u in usages if u.draft_tokens is not None]
+        accepted = [u.accepted_draft_tokens for u in usages if u.accepted_draft_tokens is not None]
+        return cls(prompt_tokens=first.prompt_tokens, completion_tokens=completion,
+                   total_tokens=first.prompt_tokens + completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=first.cached_tokens),
+                   draft_tokens=sum(drafts) if drafts else None, accepted_draft_tokens=sum(accepted) if accepted else None)
 
 
 LOGPROB_FLOOR = -9999.0  # what a token the grammar or a bias ruled out (-inf) reports: JSON has no -inf (as vLLM)
@@ -202,9 +224,29 @@ class CompletionLogprobs(BaseModel):
                    top_logprobs=[{t.token: _finite(t.logprob) for t in lp.top_logprobs} for lp in lps])
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, description="The model's thought (DeepSeek / vLLM convention).")
+    tool_calls: list[ToolCallOut] | None = None
+
+    @classmethod
+    def of(cls, chunk: GenerationChunk) -> AssistantMessage:
+        calls = [ToolCallOut(id=c["id"] or "", function=FunctionCallOut(name=c["name"], arguments=c["arguments"]))
+                 for c in assemble(chunk.tool_calls or [])]
+        return cls(content=chunk.text or (None if calls else ""), reasoning_content=chunk.reasoning or None,
+                   tool_calls=calls or None)
 
 
 class ChatChoice(BaseModel):
@@ -224,9 +266,30 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionDeltaOut(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDeltaOut(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDeltaOut
+
+    @classmethod
+    def of(cls, d: ToolCallDelta) -> ToolCallDeltaOut:
+        """The first delta of a call carries its id, type and name (and empty arguments), as OpenAI sends it."""
+        first = d.id is not None
+        return cls(index=d.index, id=d.id, type="function" if first else None,
+                   function=FunctionDeltaOut(name=d.name, arguments=d.arguments if d.arguments or first else None))
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -278,6 +341,8 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS, description="Rendered into the chat template.")
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeResponse(BaseModel):

@@ -26,9 +26,9 @@ import ray
 from ray import serve
 
 from engine import sources
-from engine.engine import Engine
+from engine.engine import Engine, merge_by_index
 from engine.errors import EngineError, EngineFailureError
-from engine.request import ChatMessage, GenerationChunk
+from engine.request import ChatMessage, GenerationChunk, ToolDef
 
 from . import logging as events
 from .config import FaultInjection, ModelDeploymentConfig
@@ -98,20 +98,22 @@ class ModelReplica:
                 "event": "request_failed", "code": e.code, "status": e.http_status, "detail": e.message[:300],
                 "model": self.config.name, "completion_id": request.get("request_id")})
 
-    async def complete(self, request: dict[str, Any]) -> GenerationChunk | ReplicaError:
-        result: GenerationChunk | None = None
+    async def complete(self, request: dict[str, Any]) -> list[GenerationChunk] | ReplicaError:
+        """Each choice's whole output, in choice order."""
+        chunks = []
         async for item in self.generate(request):
             if isinstance(item, ReplicaError):
                 return item
-            result = item if result is None else result.merge(item)
-        assert result is not None
-        return result
+            chunks.append(item)
+        return merge_by_index(chunks)
 
-    async def tokenize(self, prompt: str | None, messages: list[dict] | None,
-                       add_generation_prompt: bool) -> list[int] | ReplicaError:
+    async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_generation_prompt: bool,
+                       tools: list[dict] | None = None,
+                       template_kwargs: dict[str, Any] | None = None) -> list[int] | ReplicaError:
         def run() -> list[int]:
             msgs = [ChatMessage.model_validate(m) for m in messages] if messages is not None else None
-            return self.engine.tokenize(self.config.name, prompt, msgs, add_generation_prompt)
+            defs = [ToolDef.model_validate(t) for t in tools] if tools else None
+            return self.engine.tokenize(self.config.name, prompt, msgs, add_generation_prompt, defs, template_kwargs)
 
         try:
             return await self.engine.offload(run)

@@ -26,6 +26,21 @@ class StepResult:
     all_tokens: list[int] | None = None  # the tokens that cache holds
 
 
+def prefill(model: Any, tokens: list[int], cache: list[Any] | None, stream: Any, step: int) -> list[Any] | None:
+    """The KV cache after ``tokens`` (continuing ``cache``, or a new one), in chunks of ``step``; on the
+    batch's stream. None when there is nothing to prefill and no cache to continue."""
+    if not tokens:
+        return cache
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = cache if cache is not None else make_prompt_cache(model)
+    with mx.stream(stream):
+        for i in range(0, len(tokens), step):
+            model(mx.array(tokens[i:i + step])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+    return cache
+
+
 class TextBatch:
     """Continuous batch for one text model. Must be created and used on the GPU thread."""
 

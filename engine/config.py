@@ -18,6 +18,7 @@ class EngineConfig(BaseModel):
         description="While others decode, fewer new prompts than a prefill group wait up to this long for "
                     "more to arrive, so they share one prefill pass; 0 admits at once.")
     max_waiting: int = Field(1024, ge=0, description="Queued requests per model before 429 over_capacity.")
+    max_n: int = Field(8, ge=1, le=64, description="Choices one request may ask for (n).")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="Weights of all loaded models; the least recently used idle model is unloaded to fit a new one."
     )

@@ -17,15 +17,52 @@ from pydantic import BaseModel
 
 EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", EOS_TOKEN]
-# ChatML, the template most mlx-community chat models use.
+# Markers of tool calls and thinking, as Qwen writes them: added tokens (one id each) that are not
+# special, so they decode as text and a grammar can name them literally. mlx-lm recognises both:
+# `<tool_call>` with `tool_call.name` in the template selects its `json_tools` parser, and
+# `<think>`/`</think>` in the vocabulary turn on its thinking support.
+MARKER_TOKENS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
+# ChatML with tools (Qwen 2.5 / Qwen 3 style), the template most mlx-community chat models use.
+# `enable_thinking: false` closes an empty thought in the prompt, as Qwen 3 does; with thinking on
+# the model may open `<think>` itself. A `reasoning_effort` (OpenAI's field, which gpt-oss templates
+# read) opens the thought in the prompt, as DeepSeek-R1's template always does: the random demo model
+# then thinks until it writes `</think>`. Content may be a string or a list of parts.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- elif content -%}{%- for part in content -%}{%- if part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' -%}{{ text(messages[0]['content']) + '\n\n' }}{%- endif -%}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{%- for tool in tools -%}{{ '\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' and loop.first and tools -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\n' + text(message['content']) }}"
+    "{%- for tool_call in message['tool_calls'] or [] -%}"
+    "{%- if tool_call.function is defined -%}{%- set tool_call = tool_call.function -%}{%- endif -%}"
+    "{{ '\n<tool_call>\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    "{{ tool_call.arguments | tojson }}{{ '}\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + text(message['content']) + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + text(message['content']) + '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\n\n</think>\n\n' }}"
+    "{%- elif reasoning_effort is defined and reasoning_effort -%}{{ '<think>\n' }}{%- endif -%}"
+    "{%- endif -%}"
 )
 
 
@@ -68,18 +105,21 @@ def corpus_text() -> str:
 
 
 def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS):
-    """Byte-level BPE trained on the shipped corpus, padded with reserved tokens to ``vocab_size``.
+    """Byte-level BPE trained on the shipped corpus, plus the marker tokens, padded with reserved
+    tokens to ``vocab_size``.
 
     ``special_tokens`` take ids ``0..n-1`` in order, so a model config can name them by id.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from tokenizers import AddedToken
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(MARKER_TOKENS),
         min_frequency=1,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -87,6 +127,7 @@ def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS
     )
     lines = corpus_text().splitlines()
     tok.train_from_iterator(lines * 2, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKER_TOKENS])
     missing = vocab_size - tok.get_vocab_size()
     if missing < 0:
         raise ValueError(f"tokenizer grew past vocab_size {vocab_size}")

@@ -15,14 +15,16 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from .chat import render_chat
 from .config import EngineConfig
+from .constraints import constraint_processors
 from .errors import (
     EngineError, EngineFailureError, InvalidRequestError, ModelNotFoundError, NotReadyError,
 )
 from .models import LoadedModel
 from .observer import EngineObserver
 from .pool import BoundedPool
-from .request import ChatMessage, GenerationChunk, GenerationRequest, ImagePart, ModelInfo
+from .request import ChatMessage, GenerationChunk, GenerationRequest, ModelInfo, ToolDef
 from .sampling import RowGuard, make_processors, make_sampler
 from .scheduler import GpuScheduler, Sequence
 from .streams import StreamRegistry, Waker
@@ -111,30 +113,21 @@ class Engine:
 
     # -- tokens ---------------------------------------------------------------------------------
     def tokenize(self, model: str, text: str | None = None, messages: list[ChatMessage] | None = None,
-                 add_generation_prompt: bool = True) -> list[int]:
+                 add_generation_prompt: bool = True, tools: list[ToolDef] | None = None,
+                 template_kwargs: dict[str, Any] | None = None) -> list[int]:
         m = self._model(model)
         if messages is not None:
             if m.kind == "vision":
+                _vision_chat_only(tools, template_kwargs)
                 return list(prepare_vision_inputs(m.processor, m.model.config, messages, self.config.images,
                                                   add_generation_prompt=add_generation_prompt).input_ids)
-            return self._render_chat(m, messages, add_generation_prompt)
+            return render_chat(m.tokenizer, m.chat, messages, add_generation_prompt, tools, template_kwargs)
         return list(m.tokenizer.encode(text or ""))
 
     def detokenize(self, model: str, token_ids: list[int]) -> str:
         m = self._model(model)
         _check_ids(token_ids, m.token_limit, "tokens")
         return m.tokenizer.decode(token_ids)
-
-    def _render_chat(self, m: LoadedModel, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        if any(isinstance(p, ImagePart) for msg in messages if isinstance(msg.content, list) for p in msg.content):
-            raise InvalidRequestError(f"model {m.name!r} does not accept images", param="messages")
-        dicts = [msg.model_dump(exclude_none=True) for msg in messages]
-        for d, msg in zip(dicts, messages):
-            d["content"] = msg.text()
-        try:
-            return list(m.tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt))
-        except Exception as e:  # jinja templates raise for roles or orders they do not support
-            raise InvalidRequestError(f"the model's chat template rejected the messages: {e}", param="messages") from e
 
     # -- generation -----------------------------------------------------------------------------
     def prepare(self, request: GenerationRequest, stream_loop: asyncio.AbstractEventLoop) -> Sequence:
@@ -147,11 +140,13 @@ class Engine:
         p = request.sampling
         vision = None
         if request.messages is not None and m.kind == "vision":
+            _vision_chat_only(request.tools, request.chat_template_kwargs)
             vision = prepare_vision_inputs(m.processor, m.model.config, request.messages, self.config.images,
                                            context_length=m.context_length, max_tokens=p.max_tokens)
             prompt = list(vision.input_ids)
         elif request.messages is not None:
-            prompt = self._render_chat(m, request.messages, True)
+            prompt = render_chat(m.tokenizer, m.chat, request.messages, True, request.tools,
+                                 request.chat_template_kwargs)
         elif request.prompt is not None:
             prompt = list(m.tokenizer.encode(request.prompt))
         else:
@@ -167,28 +162,48 @@ class Engine:
             _check_ids(list(p.logit_bias), m.token_limit, "logit_bias")
         if p.top_k >= m.vocab_size:  # keeping every token is what a top_k past the vocabulary means
             p = p.model_copy(update={"top_k": 0})
-        processors = make_processors(p)
-        spec = None
-        if request.response_format is not None:  # compiled here, off the GPU thread: a bad schema is a 400 now
-            from .grammar import spec_from_response_format
-            from .structured import compiler_for
-
-            spec = spec_from_response_format(request.response_format)
-        if spec is not None:
-            processors.append(compiler_for(m.tokenizer, m.vocab_size).compile(spec).make_processor())
+        self._check_n(m, request.n)
+        channel = m.chat.first_channel(prompt) if request.messages is not None else "content"
+        constraints = constraint_processors(m, request, channel)  # compiled here: a bad schema is a 400 now
         deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
         num_draft = 0
-        if m.draft is not None and spec is None:  # constrained requests stay in the batch
+        if m.draft is not None and not constraints and request.n == 1:  # the others stay in the batch
             wanted = self.config.num_draft_tokens if request.num_draft_tokens is None else request.num_draft_tokens
             if wanted > self.config.max_draft_tokens:
                 raise InvalidRequestError(f"num_draft_tokens may be at most {self.config.max_draft_tokens}",
                                           param="num_draft_tokens")
             num_draft = wanted
-        guard = RowGuard()  # this request's sampler and processors fail it alone, not its batch
-        stream = self._registry.open(request.request_id, stream_loop)
-        return Sequence(request=request, prompt=prompt, stream=stream, sampler=guard.sampler(make_sampler(p)),
-                        processors=[guard.processor(f) for f in processors], deadline=deadline,
-                        num_draft=num_draft, vision=vision, guard=guard)
+        tools = ([t.model_dump(exclude_none=True) for t in request.tools]
+                 if request.tools and request.effective_tool_choice != "none" else None)
+        members = []
+        try:
+            for i in range(request.n):
+                # Each choice samples on its own (seed + i: reproducible) with its own grammar matchers.
+                p_i = p if i == 0 or p.seed is None else p.model_copy(update={"seed": p.seed + i})
+                processors = make_processors(p_i) + (constraints if i == 0 else
+                                                     constraint_processors(m, request, channel))
+                guard = RowGuard()  # this choice's sampler and processors fail it alone, not its batch
+                stream = self._registry.open(request.request_id if i == 0 else f"{request.request_id}/{i}", stream_loop)
+                members.append(Sequence(
+                    request=request, prompt=prompt, stream=stream, sampler=guard.sampler(make_sampler(p_i)),
+                    processors=[guard.processor(f) for f in processors], deadline=deadline, num_draft=num_draft,
+                    vision=vision, guard=guard, channel=channel, tools=tools, index=i))
+        except BaseException:
+            for seq in members:
+                self._registry.close(seq.key)
+            raise
+        if len(members) > 1:
+            members[0].group = members
+        return members[0]
+
+    def _check_n(self, m: LoadedModel, n: int) -> None:
+        if n > self.config.max_n:
+            raise InvalidRequestError(f"n may be at most {self.config.max_n}", param="n")
+        if n > 1 and m.kind == "vision":
+            raise InvalidRequestError("n > 1 is not supported for vision models yet", param="n",
+                                      code="unsupported_parameter")
+        if n > self.config.max_batch_size:
+            raise InvalidRequestError(f"n ({n}) is larger than the batch ({self.config.max_batch_size})", param="n")
 
     async def generate(self, request: GenerationRequest | dict[str, Any]) -> AsyncIterator[GenerationChunk]:
         """Stream a request's output; closing the iterator cancels the generation."""
@@ -197,30 +212,30 @@ class Engine:
                 request = GenerationRequest.model_validate(request)
             except ValidationError as e:
                 raise InvalidRequestError(_first_error(e)) from e
-        rid = request.request_id
         prepared = self._prepare.submit(self.prepare, request, asyncio.get_running_loop())
         try:
-            seq = await asyncio.wrap_future(prepared)
+            leader = await asyncio.wrap_future(prepared)
         except asyncio.CancelledError:  # the caller left while a worker prepared: drop what it opens
-            prepared.add_done_callback(lambda f: self._registry.close(rid) if _succeeded(f) else None)
+            prepared.add_done_callback(lambda f: self._close(f.result()) if _succeeded(f) else None)
             raise
-        self._scheduler.submit(seq)
+        self._scheduler.submit(leader)
         try:
-            while True:
-                chunk = await seq.stream.next()
+            async for chunk in _merged([seq.stream for seq in leader.members]):
                 yield chunk
-                if chunk.finish_reason is not None:
-                    return
         finally:
-            self._registry.close(request.request_id)
+            self._close(leader)
+
+    def _close(self, leader: Sequence) -> None:
+        for seq in leader.members:
+            self._registry.close(seq.key)
 
     async def complete(self, request: GenerationRequest | dict[str, Any]) -> GenerationChunk:
-        """The whole output as one chunk (non-streaming callers)."""
-        result: GenerationChunk | None = None
-        async for chunk in self.generate(request):
-            result = chunk if result is None else result.merge(chunk)
-        assert result is not None
-        return result
+        """The whole output as one chunk (non-streaming callers; the first choice when n > 1)."""
+        return (await self.complete_all(request))[0]
+
+    async def complete_all(self, request: GenerationRequest | dict[str, Any]) -> list[GenerationChunk]:
+        """Each choice's whole output, in choice order."""
+        return merge_by_index([chunk async for chunk in self.generate(request)])
 
     # -- health and lifecycle -------------------------------------------------------------------
     def health(self) -> EngineHealth:
@@ -250,6 +265,47 @@ class Engine:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self._scheduler.stop)
         self._prepare.shutdown()
+
+
+async def _merged(streams: list[Any]) -> AsyncIterator[GenerationChunk]:
+    """Chunks of several streams as they come, until each has finished (an error ends them all)."""
+    if len(streams) == 1:  # the common case, without tasks
+        while True:
+            chunk = await streams[0].next()
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+    pending = {asyncio.ensure_future(s.next()): s for s in streams}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                stream = pending.pop(fut)
+                chunk = fut.result()
+                yield chunk
+                if chunk.finish_reason is None:
+                    pending[asyncio.ensure_future(stream.next())] = stream
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+def merge_by_index(chunks: list[GenerationChunk]) -> list[GenerationChunk]:
+    """One whole chunk per choice, in choice order."""
+    by_index: dict[int, GenerationChunk] = {}
+    for c in chunks:
+        by_index[c.index] = c if c.index not in by_index else by_index[c.index].merge(c)
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def _vision_chat_only(tools: list[ToolDef] | None, template_kwargs: dict[str, Any] | None) -> None:
+    """What vision models do not honour yet: refused, not ignored."""
+    if tools:
+        raise InvalidRequestError("tools are not supported for vision models yet", param="tools",
+                                  code="tools_unsupported")
+    if template_kwargs:
+        raise InvalidRequestError("chat_template_kwargs are not supported for vision models yet",
+                                  param="chat_template_kwargs", code="unsupported_parameter")
 
 
 def _check_ids(ids: list[int], limit: int, param: str) -> None:

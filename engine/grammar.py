@@ -152,8 +152,14 @@ def _close(node: Any, *, in_all_of: bool) -> None:
                 _close(child, in_all_of=key == "allOf")
 
 
-def to_grammar(spec: StructuredSpec) -> str:
-    """The llguidance grammar (a JSON string) for ``spec``; it is not validated here."""
+def to_grammar(spec: StructuredSpec, after_thought: int | None = None) -> str:
+    """The llguidance grammar (a JSON string) for ``spec``; it is not validated here.
+
+    ``after_thought``: the token id that ends a thought the prompt opened. The output then starts
+    with a free thought, that token, and only then what ``spec`` asks for (a grammar from the first
+    token would force the answer into the thought)."""
+    if after_thought is not None:
+        return lark_grammar(with_thought(f"start: {spec_rule(spec)}\n", after_thought))
     try:
         if spec.kind == "json_object":
             return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)  # type: ignore[arg-type]
@@ -161,13 +167,39 @@ def to_grammar(spec: StructuredSpec) -> str:
             return LLMatcher.grammar_from_json_schema(close_objects(spec.json_schema), overrides=JSON_OPTIONS)  # type: ignore[arg-type]
     except ValueError as e:  # not serialisable as JSON (e.g. NaN bounds)
         raise InvalidRequestError(f"invalid JSON schema: {e}", param=PARAM) from None
+    return lark_grammar(f"start: {spec_rule(spec)}")
+
+
+def spec_rule(spec: StructuredSpec) -> str:
+    """``spec`` as the body of a Lark rule, to compose with other rules."""
+    if spec.kind in ("json_object", "json_schema"):
+        return json_rule(close_objects(spec.json_schema) if spec.kind == "json_schema" else {"type": "object"})
     if spec.kind == "regex":
         # \d and \w mean ASCII digits and word characters, as in JSON Schema ``pattern`` (the Rust regex
         # default is Unicode, which lets a model answer a "\d{3}" with Arabic-Indic digits).
-        return LLMatcher.grammar_from_lark(f"start: /{regex_to_lark(spec.pattern or '', 'dw')}/")
+        return f"/{regex_to_lark(spec.pattern or '', 'dw')}/"
     # choice: Lark string literals use JSON escapes; keep non-ASCII text as it is.
-    alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choices or [])
-    return LLMatcher.grammar_from_lark(f"start: {alternatives}")
+    return " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choices or [])
+
+
+def json_rule(schema: Any) -> str:
+    """An inline ``%json`` rule, with our JSON options over the schema's own ``x-guidance``."""
+    if isinstance(schema, dict):
+        schema = {**schema, "x-guidance": {**(schema.get("x-guidance") or {}), **JSON_OPTIONS}}
+    try:
+        return "%json " + json.dumps(schema, allow_nan=False)
+    except ValueError as e:
+        raise InvalidRequestError(f"invalid JSON schema: {e}", param=PARAM) from None
+
+
+def lark_grammar(lark: str) -> str:
+    return LLMatcher.grammar_from_lark(lark)
+
+
+def with_thought(lark: str, think_end: int) -> str:
+    """``lark`` (whose top rule is ``start``) preceded by a free thought and the token that ends it."""
+    body = "\n".join("answer:" + line[len("start:"):] if line.startswith("start:") else line for line in lark.splitlines())
+    return (f"start: THOUGHT? <[{think_end}]> SEP answer\nTHOUGHT: /(.|\\n)+/\nSEP: /[ \\t\\n]*/\n{body}\n")
 
 
 _byte_tokenizer: LLTokenizer | None = None

@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .batch import TextBatch
+from .chat import ChatFormat, chat_format
 from .errors import ModelLoadError
 from .prompt_cache import PromptCache
 from .request import ModelInfo
@@ -46,6 +47,11 @@ class LoadedModel:
     waiting: list = field(default_factory=list)  # heap of scheduler.Sequence
     running: dict[int, Any] = field(default_factory=dict)  # batch uid -> scheduler.Sequence
     lane_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # GPU time: [batch, speculative]
+
+    @cached_property
+    def chat(self) -> ChatFormat:
+        """The model's tool-call and thinking markers."""
+        return chat_format(self.tokenizer)
 
     @cached_property
     def token_limit(self) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Priority = Literal["interactive", "batch"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 
 # What one request may ask for, declared once: the engine's models and the HTTP bodies both use these.
 MAX_NEW_TOKENS = 1_000_000
@@ -27,6 +27,9 @@ MAX_CHOICES = 256  # guided_choice alternatives
 MAX_CHOICE_CHARS = 1024
 MAX_JSON_DEPTH = 64  # nesting of any JSON value a client sends (schemas, extra message fields)
 MAX_CACHE_SALT_CHARS = 256
+MAX_TOOLS = 128
+MAX_N = 64  # choices per request (the engine's max_n, default 8, is the configured bound)
+MAX_TOOL_DESCRIPTION_CHARS = 8192
 
 
 def json_depth(value: Any) -> int:
@@ -69,6 +72,49 @@ class ImagePart(BaseModel):
 
 
 ContentPart = TextPart | ImagePart
+
+
+class FunctionDef(BaseModel):
+    """A function the model may call (OpenAI's ``tools[].function``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = Field(None, max_length=MAX_TOOL_DESCRIPTION_CHARS)
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments object.")
+    strict: bool | None = Field(None, description="Accepted; arguments always validate against `parameters`.")
+
+    @field_validator("parameters")
+    @classmethod
+    def _shallow(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_depth(v, "function parameters") if v is not None else v
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: call exactly this function."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of one tool call, as OpenAI streams them: the first piece of call ``index`` carries its
+    ``id`` and ``name``, later ones fragments of its JSON ``arguments``; joined, they are the call."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 class ChatMessage(BaseModel):
@@ -162,15 +208,38 @@ class GenerationRequest(BaseModel):
         None, ge=0, le=64, description="Speculative decoding: draft tokens per step (0 turns it off for this request).")
     # Structured output (see engine.structured); kept opaque here so this module stays light.
     response_format: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices; they share one prefill.")
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(None, description="Default: auto when tools are given.")
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Passed to the chat template (e.g. {\"enable_thinking\": false}).")
     cache_scope: str = Field(
         "", max_length=2 * MAX_CACHE_SALT_CHARS,
         description="Prefix-cache entries are shared only among requests of one scope (the ingress sets it "
                     "per API key and cache_salt), so cached_tokens and TTFT reveal nothing across tenants.")
 
-    @field_validator("response_format")
+    @field_validator("response_format", "chat_template_kwargs")
     @classmethod
     def _shallow_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        return check_depth(v, "response_format") if v is not None else v
+        return check_depth(v, "response_format / chat_template_kwargs") if v is not None else v
+
+    @model_validator(mode="after")
+    def _tools_fit(self) -> GenerationRequest:
+        if self.tools and self.messages is None:
+            raise ValueError("tools need messages (a chat request)")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools or []}:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not one of the tools")
+        if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
+            raise ValueError("tool names must be unique")
+        return self
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        return self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerationRequest:
@@ -214,24 +283,33 @@ class GenerationChunk(BaseModel):
     """A piece of one request's output. The last chunk carries ``finish_reason`` and ``usage``."""
 
     request_id: str
-    text: str = ""
+    text: str = ""  # the answer (``content``)
+    reasoning: str = ""  # the thought, for models with thinking markers (``reasoning_content``)
+    tool_calls: list[ToolCallDelta] | None = None
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    index: int = 0  # which choice of the request (n > 1, several prompts)
 
     def merge(self, later: GenerationChunk) -> GenerationChunk:
         """Coalesce a later chunk into this one (a lagging consumer gets one item, not many)."""
         logprobs = None
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
+        tool_calls = None
+        if self.tool_calls or later.tool_calls:
+            tool_calls = (self.tool_calls or []) + (later.tool_calls or [])
         return GenerationChunk.model_construct(
             request_id=self.request_id,
             text=self.text + later.text,
+            reasoning=self.reasoning + later.reasoning,
+            tool_calls=tool_calls,
             token_ids=self.token_ids + later.token_ids,
             logprobs=logprobs,
             finish_reason=later.finish_reason,
             usage=later.usage,
+            index=self.index,
         )
 
 

@@ -98,3 +98,14 @@ class RowGuard:
 
         guarded.inner = fn  # type: ignore[attr-defined]  # the batch finds grammar processors through it
         return guarded
+
+
+def forbid(token_ids: list[int]) -> LogitsProcessor:
+    """A processor that never lets these tokens be sampled (a tool-call marker under ``tool_choice: none``)."""
+    ids = mx.array(token_ids)
+
+    def processor(tokens: mx.array, logits: mx.array) -> mx.array:
+        logits[..., ids] = -mx.inf
+        return logits
+
+    return processor

@@ -16,6 +16,7 @@ listeners are called at once.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import logging
@@ -26,7 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .batch import StepResult
+from .batch import StepResult, prefill
+from .chat import Channel
 from .config import EngineConfig
 from .errors import (
     DeadlineExceededError, EngineError, EngineFailureError, ModelLoadError, ModelNotFoundError,
@@ -71,6 +73,19 @@ class Sequence:
     spec: SpeculativeRun | None = None
     vision: VisionInputs | None = None  # images and rendered prompt, for vision models
     guard: RowGuard = field(default_factory=RowGuard)  # this row's sampler / processor errors
+    channel: Channel = "content"  # where the output starts: a thought the prompt opened, or the answer
+    tools: list[dict] | None = None  # the request's tools when calls are parsed (tool_choice is not none)
+    index: int = 0  # which choice of its request
+    group: list[Sequence] | None = None  # the leader of n > 1 choices: all of them, itself first
+
+    @property
+    def members(self) -> list[Sequence]:
+        return self.group or [self]
+
+    @property
+    def key(self) -> str:
+        """This sequence's own id (its stream's): the request id, plus ``/i`` for choice i > 0."""
+        return self.stream.request_id
 
     def __lt__(self, other: Sequence) -> bool:
         return self._key() < other._key()
@@ -213,8 +228,9 @@ class GpuScheduler:
             seq.stream.push(OverCapacityError(
                 f"model {m.name!r} has {len(m.waiting)} requests waiting", retry_after=1.0))
             return
-        self._by_request[seq.request.request_id] = seq
-        heapq.heappush(m.waiting, seq)
+        for member in seq.members:
+            self._by_request[member.key] = member
+        heapq.heappush(m.waiting, seq)  # a group waits as its leader and starts as a whole
         m.last_used = time.monotonic()
 
     def _cancel(self, request_id: str) -> None:
@@ -236,10 +252,10 @@ class GpuScheduler:
             heapq.heapify(m.waiting)
 
     def _finish(self, m: LoadedModel, seq: Sequence, error: EngineError | None = None) -> None:
-        self._by_request.pop(seq.request.request_id, None)
+        self._by_request.pop(seq.key, None)
         if seq.uid is not None:
             m.running.pop(seq.uid, None)
-        if seq.spec is not None and m.speculative.pop(seq.request.request_id, None) is not None:
+        if seq.spec is not None and m.speculative.pop(seq.key, None) is not None:
             seq.spec.close()
         if error is not None:
             self.observer.on_error(m.name, error.code)
@@ -253,7 +269,7 @@ class GpuScheduler:
         log.error("request %s failed while %s: %r", rid, stage, exc, exc_info=exc)
         err = EngineFailureError(f"generation failed for this request (request id {rid})", code="sequence_failed")
         if m is None:
-            self._by_request.pop(rid, None)
+            self._by_request.pop(seq.key, None)
             seq.stream.push(err)
             return
         try:
@@ -300,7 +316,8 @@ class GpuScheduler:
         while (free > 0 or free_spec > 0) and m.waiting:
             seq = heapq.heappop(m.waiting)
             speculative = _speculative(seq, m)
-            if (free_spec if speculative else free) <= 0 or (hold and not speculative):
+            needed = len(seq.members)  # a group of n choices needs n free slots at once
+            if (free_spec if speculative else free) < needed or (hold and not speculative):
                 deferred.append(seq)
                 continue
             try:  # a vision model runs its vision tower here: a failure fails this request only
@@ -311,7 +328,7 @@ class GpuScheduler:
             if speculative:
                 free_spec -= 1
             else:
-                free -= 1
+                free -= needed
             self.observer.on_admit(m.name, time.monotonic() - seq.submitted)
         for seq in deferred:
             heapq.heappush(m.waiting, seq)
@@ -319,13 +336,16 @@ class GpuScheduler:
     def _start(self, m: LoadedModel, seq: Sequence, speculative: bool) -> None:
         """Put ``seq`` into the speculative lane or the batch."""
         p = seq.request.sampling
-        seq.output = SequenceOutput(m.tokenizer, p, m.eos_ids)
+        seq.output = SequenceOutput(m.tokenizer, p, m.eos_ids, m.chat, seq.channel, seq.tools)
         if speculative:
             seq.spec = SpeculativeRun(
                 m.model, m.draft, seq.prompt, max_tokens=p.max_tokens, num_draft=seq.num_draft,
                 sampler=seq.sampler, processors=seq.processors, stream=m.batch.stream,
                 prefill_step_size=self.config.prefill_step_size)
-            m.speculative[seq.request.request_id] = seq
+            m.speculative[seq.key] = seq
+            return
+        if len(seq.members) > 1:
+            self._start_group(m, seq)
             return
         scope = seq.request.cache_scope
         cache, seq.cached_tokens = m.prompt_cache.lookup(seq.prompt, scope) if m.prompt_cache else (None, 0)
@@ -334,6 +354,21 @@ class GpuScheduler:
                                  cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
         seq.vision = None  # the batch holds what it needs; drop the decoded images
         m.running[seq.uid] = seq
+
+    def _start_group(self, m: LoadedModel, leader: Sequence) -> None:
+        """The n choices of one request: the prompt is prefilled once, each choice decodes from a copy
+        of that cache (the prefix cache may have part of it already)."""
+        prompt, p = leader.prompt, leader.request.sampling
+        cache, cached = m.prompt_cache.lookup(prompt, leader.request.cache_scope) if m.prompt_cache else (None, 0)
+        cache = prefill(m.model, prompt[cached:-1], cache, m.batch.stream, self.config.prefill_step_size)
+        for member in leader.members:
+            member.cached_tokens = cached
+            if member is not leader:
+                member.output = SequenceOutput(m.tokenizer, p, m.eos_ids, m.chat, member.channel, member.tools)
+            member.uid = m.batch.insert(prompt[-1:], p.max_tokens, member.sampler, member.processors,
+                                        cache=copy.deepcopy(cache) if cache is not None else None,
+                                        cached_tokens=prompt[:-1])
+            m.running[member.uid] = member
 
     def _hold_prefill(self, m: LoadedModel, free: int) -> bool:
         """Whether the waiting text requests should wait a little for more to join their prefill pass.
@@ -423,18 +458,23 @@ class GpuScheduler:
         """Emit one token of ``seq``; True when that token finished it."""
         out = seq.output
         assert out is not None
-        text, lp, stop_hit = out.add(r.token, r.logprobs)
-        finish = "stop" if stop_hit or r.finish_reason == "stop" else r.finish_reason
+        piece = out.add(r.token, r.logprobs)
+        finish = "stop" if piece.stop_hit or r.finish_reason == "stop" else r.finish_reason
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.observer.on_first_token(m.name, now - seq.submitted)
         usage = None
         if finish is not None:
-            if stop_hit and seq.uid is not None:
+            if piece.stop_hit and seq.uid is not None:
                 kept = m.batch.remove([r.uid], keep_caches=m.prompt_cache is not None)
                 r.cache, r.all_tokens = kept.get(r.uid, (None, None))
             else:
-                text += out.finish()
+                tail = out.finish()
+                piece.text += tail.text
+                piece.reasoning += tail.reasoning
+                piece.tool_calls += tail.tool_calls
+            if finish == "stop" and out.calls:
+                finish = "tool_calls"
             if m.prompt_cache is not None and r.cache is not None and r.all_tokens:
                 try:  # the answer is complete: a cache that cannot be kept costs only a later hit
                     m.prompt_cache.store(r.all_tokens, r.cache, seq.request.cache_scope)
@@ -452,8 +492,10 @@ class GpuScheduler:
             self.observer.on_finish(m.name, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                                     now - seq.submitted, finish, ttft_s=seq.first_token_at - seq.submitted)
         seq.stream.push(GenerationChunk.model_construct(
-            request_id=seq.request.request_id, text=text, token_ids=[r.token],
-            logprobs=[lp] if lp is not None else None, finish_reason=finish, usage=usage,
+            request_id=seq.request.request_id, text=piece.text, reasoning=piece.reasoning,
+            tool_calls=piece.tool_calls or None, token_ids=[r.token],
+            logprobs=[piece.logprob] if piece.logprob is not None else None, finish_reason=finish, usage=usage,
+            index=seq.index,
         ), deferred=True)
         return finish is not None
 

@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
+from .chat import chat_format
 from .grammar import StructuredSpec, check_grammar, spec_from_response_format, to_grammar, validate_spec
 
 __all__ = [
@@ -157,7 +158,10 @@ class GrammarCompiler:
         # Ids the model can emit but the tokenizer lacks are empty tokens, which llguidance never allows.
         # A leading 0xFF marks a special token in llguidance; as text it can only start invalid UTF-8.
         tokens = [b"" if t[:1] == b"\xff" else t for t in tokens] + [b""] * (self.vocab_size - len(tokens))
-        special_ids = sorted(set(special) | set(self.eos_token_ids))
+        # Tool-call and thinking markers are special to every grammar: free text can never produce one,
+        # so a grammar names them by id (``<[id]>``) exactly where they belong (``engine.tools``).
+        markers = chat_format(tokenizer).markers()
+        special_ids = sorted(set(special) | set(self.eos_token_ids) | set(markers))
         self.llg_tokenizer = LLTokenizer(_VocabForLLG(tokens, self.eos_token_id, getattr(hf, "bos_token_id", None),
                                                       special_ids, hf))
         self.n_tokens = len(tokens)
@@ -165,20 +169,23 @@ class GrammarCompiler:
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def compile(self, spec: StructuredSpec | Mapping[str, Any]) -> CompiledGrammar:
+    def compile(self, spec: StructuredSpec | Mapping[str, Any], after_thought: int | None = None) -> CompiledGrammar:
         """Validate and compile ``spec`` (or an OpenAI ``response_format``) for this model; raises
         ``InvalidRequestError`` with the reason. Milliseconds, cached by grammar: call it where the request
-        is accepted (any thread), never on the GPU thread."""
+        is accepted (any thread), never on the GPU thread. ``after_thought``: see ``grammar.to_grammar``."""
         parsed = spec_from_response_format(spec)
         if parsed is None:
             raise ValueError("response_format does not constrain the output; build no processor")
-        grammar = to_grammar(parsed)
+        return self.compile_grammar(to_grammar(parsed, after_thought))
+
+    def compile_grammar(self, grammar: str) -> CompiledGrammar:
+        """``compile`` for a grammar already written (tool calls)."""
         with self._lock:
             hit = self._cache.get(grammar)
             if hit is not None:
                 self._cache.move_to_end(grammar)
                 return hit
-        compiled = CompiledGrammar(self, parsed, grammar, check_grammar(grammar, self.llg_tokenizer))
+        compiled = CompiledGrammar(self, grammar, check_grammar(grammar, self.llg_tokenizer))
         with self._lock:
             self._cache[grammar] = compiled
             while len(self._cache) > self._cache_size:
@@ -199,9 +206,8 @@ def _eos_ids(tokenizer: Any) -> set[int]:
 class CompiledGrammar:
     """A validated grammar for one model; cheap to turn into per-sequence processors."""
 
-    def __init__(self, compiler: GrammarCompiler, spec: StructuredSpec, grammar: str, template: LLMatcher) -> None:
+    def __init__(self, compiler: GrammarCompiler, grammar: str, template: LLMatcher) -> None:
         self.compiler = compiler
-        self.spec = spec
         self.grammar = grammar
         self._template = template
         self._lock = threading.Lock()

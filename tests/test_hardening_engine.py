@@ -204,8 +204,8 @@ def _inject(monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
         real_output = scheduler_module.SequenceOutput
 
         class Output(real_output):  # type: ignore[misc, valid-type]
-            def __init__(self, tokenizer: Any, params: Any, eos: Any) -> None:
-                super().__init__(tokenizer, params, eos)
+            def __init__(self, tokenizer: Any, params: Any, eos: Any, *rest: Any) -> None:
+                super().__init__(tokenizer, params, eos, *rest)
                 self._fail = _boom_after(3) if is_poison(params) else (lambda: None)
 
             def add(self, token: int, logprobs: Any) -> Any:

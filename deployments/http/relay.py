@@ -80,8 +80,8 @@ async def open_stream(handle: DeploymentHandle, payload: dict[str, Any]
     raise _gave_up(payload, last)
 
 
-async def complete(handle: DeploymentHandle, payload: dict[str, Any]) -> GenerationChunk:
-    """The whole answer of a unary call, with the same retry as a stream."""
+async def complete(handle: DeploymentHandle, payload: dict[str, Any]) -> list[GenerationChunk]:
+    """The whole answer of a unary call (each choice's, in order), with the same retry as a stream."""
     last: BaseException | ReplicaError | None = None
     for _ in range(REPLICA_RETRIES + 1):
         response = handle.complete.remote(payload)
@@ -121,23 +121,30 @@ async def unary(call: Callable[[], Any]) -> Any:
     return result
 
 
-async def relay(gen: DeploymentResponseGenerator, first: GenerationChunk,
+async def relay(gen: DeploymentResponseGenerator, first: GenerationChunk, choices: int = 1,
                 on_item: Callable[[GenerationChunk | ReplicaError], None] | None = None
                 ) -> AsyncIterator[GenerationChunk | ReplicaError]:
-    """Chunks from the replica; a failure mid-stream becomes a final ``ReplicaError``.
+    """Chunks from the replica until all ``choices`` have finished; a failure mid-stream becomes a
+    final ``ReplicaError``.
 
     ``on_item`` sees every item (the routed-outcome bookkeeping); a client that goes away cancels
-    the replica's stream, and so its sequence in the GPU batch."""
+    the replica's stream, and so its sequences in the GPU batch."""
     item: GenerationChunk | ReplicaError = first
     finished = False
+    left = choices
     try:
         while True:
             if on_item is not None:
                 on_item(item)
             yield item
-            if isinstance(item, ReplicaError) or item.finish_reason is not None:
+            if isinstance(item, ReplicaError):
                 finished = True
                 return
+            if item.finish_reason is not None:
+                left -= 1
+                if left == 0:
+                    finished = True
+                    return
             try:
                 item = await gen.__anext__()
             except StopAsyncIteration:

@@ -11,12 +11,15 @@ from ..protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, 
 from .generation import SseShape
 
 
-def whole(body: CompletionRequest, rid: str, result: GenerationChunk) -> CompletionResponse:
-    text = (body.prompt if body.echo and isinstance(body.prompt, str) else "") + result.text
+def _echo(body: CompletionRequest) -> str:
+    return body.prompt if body.echo and isinstance(body.prompt, str) else ""
+
+
+def whole(body: CompletionRequest, rid: str, results: list[GenerationChunk]) -> CompletionResponse:
     return CompletionResponse(
-        id=rid, model=body.model, usage=UsageInfo.of(result),
-        choices=[CompletionChoice(text=text, finish_reason=result.finish_reason,
-                                  logprobs=CompletionLogprobs.of(result.logprobs))])
+        id=rid, model=body.model, usage=UsageInfo.total(results),
+        choices=[CompletionChoice(index=r.index, text=_echo(body) + r.text, finish_reason=r.finish_reason,
+                                  logprobs=CompletionLogprobs.of(r.logprobs)) for r in results])
 
 
 def stream_shape(body: CompletionRequest, rid: str) -> SseShape:
@@ -26,9 +29,8 @@ def stream_shape(body: CompletionRequest, rid: str) -> SseShape:
         c = CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage)
         return sse_event(c.model_dump_json(exclude_none=True))
 
-    echo = chunk([CompletionChoice(text=body.prompt)]) if body.echo and isinstance(body.prompt, str) else None
     return SseShape(
-        opening=echo,
-        event=lambda item: chunk([CompletionChoice(text=item.text, finish_reason=item.finish_reason,
+        opening=lambda index: chunk([CompletionChoice(index=index, text=_echo(body))]) if _echo(body) else None,
+        event=lambda item: chunk([CompletionChoice(index=item.index, text=item.text, finish_reason=item.finish_reason,
                                                    logprobs=CompletionLogprobs.of(item.logprobs))]),
         usage=lambda usage: chunk([], usage=usage))

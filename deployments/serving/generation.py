@@ -39,9 +39,10 @@ GenerationBody = ChatCompletionRequest | CompletionRequest
 
 @dataclass(frozen=True)
 class SseShape:
-    """How one endpoint frames its stream: an optional opening event, one event per chunk, the usage event."""
+    """How one endpoint frames its stream: an opening event per choice (or none), one event per chunk,
+    the usage event."""
 
-    opening: str | None
+    opening: Callable[[int], str | None]
     event: Callable[[GenerationChunk], str]
     usage: Callable[[UsageInfo], str]
 
@@ -81,7 +82,7 @@ class GenerationFlow:
 
     async def run(self, body: GenerationBody, request: Request, auth: Authenticator, limits: LimitsConfig,
                   prefix: str, shape: Callable[[str], SseShape],
-                  whole: Callable[[str, GenerationChunk], BaseModel]) -> Any:
+                  whole: Callable[[str, list[GenerationChunk]], BaseModel]) -> Any:
         tenant = auth.tenant(request)
         t0 = time.perf_counter()
         target = await self.targets.resolve(body.model, request, auth, body.user)
@@ -94,55 +95,60 @@ class GenerationFlow:
                 track = _Track(pick, t0, time.perf_counter()) if pick is not None else None
                 return StreamingResponse(self._sse(body, gen, first, track, shape(payload["request_id"])),
                                          media_type="text/event-stream", headers=headers)
-            result = await relay.complete(target.handle, payload)
+            results = await relay.complete(target.handle, payload)
         except EngineError as e:
             if pick is not None:
                 self.routes.record(pick, outcome(t0, e))
             return error_response(e, headers)
         if pick is not None:  # a whole answer: its end-to-end latency and mean time per output token
-            n = result.usage.completion_tokens if result.usage is not None else len(result.token_ids)
+            n = sum(r.usage.completion_tokens if r.usage is not None else len(r.token_ids) for r in results)
             e2e = time.perf_counter() - t0
             self.routes.record(pick, Outcome(ok=True, e2e_s=e2e, tpot_s=e2e / n if n else None))
-        return JSONResponse(whole(payload["request_id"], result).model_dump(mode="json", exclude_none=True),
+        return JSONResponse(whole(payload["request_id"], results).model_dump(mode="json", exclude_none=True),
                             headers=headers)
 
     async def _sse(self, body: GenerationBody, gen: DeploymentResponseGenerator, first: GenerationChunk,
                    track: _Track | None, shape: SseShape) -> AsyncIterator[str]:
         """One SSE stream as OpenAI sends it: events with content, an error event if the replica
         failed, the usage event when asked for, then ``[DONE]``."""
-        if shape.opening is not None:
-            yield shape.opening
-        last: GenerationChunk | None = None
+        for index in range(body.n):
+            opening = shape.opening(index)
+            if opening is not None:
+                yield opening
+        finals: list[GenerationChunk] = []  # each choice's last chunk: its usage
         try:
-            async for item in relay.relay(gen, first, self._tracker(track)):
+            async for item in relay.relay(gen, first, body.n, self._tracker(track, body.n)):
                 if isinstance(item, ReplicaError):
                     yield sse_event(item.to_openai())
                     break
-                last = item
-                if item.text or item.finish_reason or item.logprobs:
+                if item.finish_reason is not None:
+                    finals.append(item)
+                if item.text or item.reasoning or item.tool_calls or item.finish_reason or item.logprobs:
                     yield shape.event(item)
-            if body.include_usage and last is not None and last.usage is not None:
-                yield shape.usage(UsageInfo.of(last))
+            if body.include_usage and len(finals) == body.n:
+                yield shape.usage(UsageInfo.total(finals))
         except Exception as e:  # noqa: BLE001 - a bug while framing: the client still gets an error event
             yield sse_event(internal_error(e).to_dict())
         yield SSE_DONE
 
-    def _tracker(self, track: _Track | None) -> Callable[[GenerationChunk | ReplicaError], None] | None:
-        """For a routed stream: the outcome goes to the router when the stream ends (not when the client
-        went away: a cancelled request says nothing about the variant)."""
+    def _tracker(self, track: _Track | None, choices: int) -> Callable[[GenerationChunk | ReplicaError], None] | None:
+        """For a routed stream: the outcome goes to the router when every choice has ended (not when the
+        client went away: a cancelled request says nothing about the variant)."""
         if track is None:
             return None
         tokens = 0
+        left = choices
 
         def on_item(item: GenerationChunk | ReplicaError) -> None:
-            nonlocal tokens
+            nonlocal tokens, left
             if isinstance(item, ReplicaError):
                 self.routes.record(track.pick, outcome(track.t0, item))
                 return
             tokens += len(item.token_ids)
             if item.finish_reason is not None:
-                n = item.usage.completion_tokens if item.usage is not None else tokens
-                self.routes.record(track.pick, outcome(track.t0, first_at=track.first_at, tokens=n))
+                left -= 1
+                if left == 0:
+                    self.routes.record(track.pick, outcome(track.t0, first_at=track.first_at, tokens=tokens))
 
         return on_item
 
