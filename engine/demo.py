@@ -65,6 +65,14 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- endif -%}{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
 
 class DemoPreset(BaseModel):
     """Shape of a demo llama; ``vocab_size`` is exact (the tokenizer is padded to it)."""
@@ -104,7 +112,7 @@ def corpus_text() -> str:
     return resources.files("engine").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 
 
-def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS):
+def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS, markers: bool = True):
     """Byte-level BPE trained on the shipped corpus, plus the marker tokens, padded with reserved
     tokens to ``vocab_size``.
 
@@ -119,7 +127,7 @@ def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(MARKER_TOKENS),
+        vocab_size=vocab_size - (len(MARKER_TOKENS) if markers else 0),
         min_frequency=1,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -127,7 +135,8 @@ def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS
     )
     lines = corpus_text().splitlines()
     tok.train_from_iterator(lines * 2, trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKER_TOKENS])
+    if markers:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKER_TOKENS])
     missing = vocab_size - tok.get_vocab_size()
     if missing < 0:
         raise ValueError(f"tokenizer grew past vocab_size {vocab_size}")
@@ -184,10 +193,11 @@ def _staging_dir(out: Path, force: bool) -> Path | None:
 
 
 def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: bool = False,
-                    seed: int | None = None) -> Path:
+                    seed: int | None = None, markers: bool = True) -> Path:
     """Write a demo llama to ``out_dir`` (deterministic for a preset and seed) and return the directory.
 
     Another ``seed`` gives other weights with the same tokenizer: a canary variant, or a draft model.
+    ``markers=False``: no tool-call or thinking markers and a plain ChatML template, as many models have.
     """
     p = PRESETS[preset]
     out = Path(out_dir).expanduser().resolve()
@@ -195,7 +205,7 @@ def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: boo
     if tmp is None:
         return out
 
-    tok = _train_tokenizer(p.vocab_size)
+    tok = _train_tokenizer(p.vocab_size, markers=markers)
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -205,7 +215,7 @@ def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: boo
         "unk_token": None,
         "model_max_length": 4096,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": CHAT_TEMPLATE if markers else PLAIN_CHAT_TEMPLATE,
     }, indent=2))
     (tmp / "special_tokens_map.json").write_text(json.dumps({
         "eos_token": EOS_TOKEN, "pad_token": "<|endoftext|>",
