@@ -30,10 +30,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+# OpenAI fields that change nothing in the output: accepted and not used (docs/api.md lists every field).
+NO_OP_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "prediction"})
 
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (e.g. n=1)
+
+class _SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions.
+
+    Any other field is kept aside (``extra="allow"``) and refused by ``check_fields`` unless it is a
+    no-op (``NO_OP_FIELDS``) or null: a field that would change the output and is not honoured is a
+    400, never silently dropped."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -65,6 +73,13 @@ class _SamplingFields(BaseModel):
         None, max_length=MAX_CACHE_SALT_CHARS,
         description="Extension (as in vLLM): prefix-cache entries are shared only among requests with the same "
                     "salt (and API key), so a cache hit reveals nothing to someone without it.")
+
+    def check_fields(self) -> None:
+        """400 ``unsupported_parameter`` for a field given that this server does not honour."""
+        unknown = sorted(k for k, v in (self.model_extra or {}).items() if v is not None and k not in NO_OP_FIELDS)
+        if unknown:
+            raise InvalidRequestError(f"unsupported parameter(s): {', '.join(unknown)} (docs/api.md lists what is "
+                                      "supported)", param=unknown[0], code="unsupported_parameter")
 
     def structured(self) -> dict[str, Any] | None:
         """The one constraint this request asks for, in ``response_format`` form."""
@@ -110,6 +125,7 @@ class ChatCompletionRequest(_SamplingFields):
                           "a key the template does not use is a 400.")
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
         None, description="Passed to the chat template as `reasoning_effort` (a 400 when the template does not use it).")
+    modalities: list[Literal["text"]] | None = Field(None, description="Text only.")
 
     def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str,
                   cache_scope: str) -> GenerationRequest:
@@ -132,6 +148,15 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, description="Only best_of equal to n (or unset) is supported.")
+    suffix: str | None = Field(None, max_length=0, description="Not supported: only an empty or absent suffix.")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None, info: Any) -> int | None:
+        if v is not None and v != info.data.get("n", 1):
+            raise ValueError("only best_of equal to n is supported")
+        return v
 
     @field_validator("prompt")
     @classmethod

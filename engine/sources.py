@@ -31,24 +31,38 @@ def demo_dir(source: str) -> Path:
 
 
 def resolve(source: str) -> str:
-    """A path or hub id that mlx-lm / mlx-vlm can load; builds a demo model if it is missing."""
+    """A path or hub id that mlx-lm / mlx-vlm can load; builds a demo model if it is missing, or
+    rebuilds one an older release built (``DEMO_VERSION``: e.g. before the tool and thinking markers)."""
     if not is_demo(source):
         path = Path(source).expanduser()
         return str(path) if path.exists() else source
     out = demo_dir(source)
-    if (out / "model.safetensors").exists():
+    if _current(out):
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:  # replicas on one host build it once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "model.safetensors").exists():
+        if not _current(out):
             kind = source[len(DEMO_PREFIX):]
+            stale = (out / "model.safetensors").exists()
             if kind == "vision":
                 from .demo_vision import make_demo_vision_model
 
-                make_demo_vision_model(out)
+                make_demo_vision_model(out, force=stale)
             else:
                 from .demo import make_demo_model
 
-                make_demo_model(out, kind)  # type: ignore[arg-type]
+                make_demo_model(out, kind, force=stale)  # type: ignore[arg-type]
+            (out / VERSION_FILE).write_text(str(DEMO_VERSION))
     return str(out)
+
+
+DEMO_VERSION = 2  # bump when the demo models change (2: tool-call and thinking markers in the tokenizer)
+VERSION_FILE = "mlx-serving-demo-version"
+
+
+def _current(out: Path) -> bool:
+    try:
+        return (out / "model.safetensors").exists() and int((out / VERSION_FILE).read_text()) >= DEMO_VERSION
+    except (OSError, ValueError):
+        return False

@@ -190,3 +190,26 @@ def test_template_options_reach_the_template_or_are_refused(app_url: str) -> Non
 def test_impossible_tool_requests_are_400(app_url: str, body: dict[str, Any], code: str) -> None:
     r = httpx.post(app_url + "/v1/chat/completions", json={"model": "demo", "messages": ASK, **body})
     assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+
+
+@pytest.mark.parametrize("path, extra, status", [
+    ("/v1/chat/completions", {"verbosity": "low"}, 400),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, 400),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, 400),
+    ("/v1/chat/completions", {"web_search_options": {}}, 400),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, 400),
+    ("/v1/chat/completions", {"some_vendor_knob": 3}, 400),
+    ("/v1/completions", {"suffix": "tail"}, 400),
+    ("/v1/completions", {"best_of": 3}, 400),
+    ("/v1/chat/completions", {"metadata": {"team": "a"}, "store": False, "service_tier": "auto", "user": "u1",
+                              "prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"],
+                              "verbosity": None}, 200),
+    ("/v1/completions", {"best_of": 1, "suffix": "", "user": "u1", "metadata": {"x": "y"}}, 200),
+])
+def test_nothing_is_silently_ignored(app_url: str, path: str, extra: dict[str, Any], status: int) -> None:
+    base = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
+    r = httpx.post(app_url + path, json={"model": "demo", "max_tokens": 2, **base, **extra})
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert r.json()["error"]["code"] in ("unsupported_parameter", "invalid_request")
+        assert r.json()["error"]["param"] in set(extra) | {"modalities.1", "suffix", "best_of"}

@@ -157,6 +157,7 @@ def engine_payload(body: GenerationBody, limits: LimitsConfig, prefix: str, scop
                    pick: Pick | None) -> dict[str, Any]:
     """The engine request a replica receives, as the dict that crosses the Ray hop."""
     annotate(model=body.model)  # for the access log and the HTTP metrics (a known model or route here)
+    body.check_fields()
     try:
         req = body.to_engine(limits.default_max_tokens, limits.request_timeout_s, new_id(prefix), scope)
         payload = req.model_dump(mode="json")
