@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from engine.errors import EngineError
+
+from .statuses import status_of, type_of
 from engine.request import ModelInfo
 
 
@@ -20,7 +22,9 @@ class ReplicaError(BaseModel):
 
     @classmethod
     def of(cls, e: EngineError) -> ReplicaError:
-        return cls(code=e.code, message=e.message, type=e.type, http_status=e.http_status, param=e.param,
+        if isinstance(e, RemoteError):  # a replica's error on its way to the client: as it came
+            return e.error
+        return cls(code=e.code, message=e.message, type=type_of(e), http_status=status_of(e), param=e.param,
                    retry_after=e.retry_after)
 
     def to_openai(self) -> dict:
@@ -41,3 +45,11 @@ class ReplicaInfo(BaseModel):
     cancelled_total: int
     models: list[ModelInfo]
     rss_bytes: int = 0  # resident memory of the replica process (overload runs watch it)
+
+
+class RemoteError(EngineError):
+    """A ``ReplicaError`` raised in the ingress: it keeps the replica's status, type and code intact."""
+
+    def __init__(self, error: ReplicaError) -> None:
+        super().__init__(error.message, param=error.param, code=error.code, retry_after=error.retry_after)
+        self.error = error

@@ -17,12 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from engine.errors import InvalidRequestError
 from engine.tools import assemble
 from engine.request import (
-    MAX_CACHE_SALT_CHARS, MAX_CHOICE_CHARS, MAX_CHOICES, MAX_MESSAGES, MAX_N, MAX_NEW_TOKENS, MAX_SEED, MAX_STOP,
-    MAX_STOP_CHARS, MAX_TOKEN_IDS, MAX_TOOLS, MIN_SEED, ChatMessage, GenerationChunk, GenerationRequest,
-    SamplingParams, TokenLogprob, ToolCallDelta, ToolChoice, ToolDef,
+    MAX_CACHE_SALT_CHARS, MAX_CHOICE_CHARS, MAX_CHOICES, MAX_MESSAGES, MAX_TOKEN_IDS, MAX_TOOLS, ChatMessage,
+    ChoiceCount, DraftTokens, GenerationChunk, GenerationRequest, MaxTokens, MinP, Penalty, RepetitionPenalty, SamplingParams, Seed, StopList,
+    StopString, Temperature, TokenLogprob, ToolCallDelta, ToolChoice, ToolDef, TopK, TopLogprobs, TopP,
 )
 
-StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 TokenIds = Annotated[list[int], Field(max_length=MAX_TOKEN_IDS)]
 
 
@@ -44,20 +43,19 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logit_bias: dict[int, float] | None = None
-    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    stop: StopString | StopList | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate; they share one prefill. At most the "
-                                                  "engine's max_n (default 8).")
+    n: ChoiceCount = Field(1, description="Choices; they share one prefill. At most the engine's max_n (default 8).")
     user: str | None = None
     priority: Literal["interactive", "batch"] = "interactive"
     response_format: dict[str, Any] | None = Field(
@@ -67,8 +65,8 @@ class _SamplingFields(BaseModel):
     guided_choice: list[Annotated[str, Field(max_length=MAX_CHOICE_CHARS)]] | None = Field(
         None, max_length=MAX_CHOICES, description="Extension: output is exactly one of these strings.")
     guided_json: dict[str, Any] | None = Field(None, description="Extension: output is JSON valid against this schema.")
-    num_draft_tokens: int | None = Field(None, ge=0, le=64, description="Extension: speculative draft tokens per step "
-                                                                       "(models with a draft_model; 0 turns it off).")
+    num_draft_tokens: DraftTokens | None = Field(None, description="Extension: speculative draft tokens per step "
+                                                                  "(models with a draft_model).")
     cache_salt: str | None = Field(
         None, max_length=MAX_CACHE_SALT_CHARS,
         description="Extension (as in vLLM): prefix-cache entries are shared only among requests with the same "
@@ -112,10 +110,10 @@ class _SamplingFields(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = Field(None, description="none | auto (the default with tools) | required | "
                                                              "{type: function, function: {name}}.")
@@ -145,8 +143,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | TokenIds = Field(description="A string, or a list of token ids.")
-    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: MaxTokens | None = 16
+    logprobs: TopLogprobs | None = None
     echo: bool = False
     best_of: int | None = Field(None, ge=1, description="Only best_of equal to n (or unset) is supported.")
     suffix: str | None = Field(None, max_length=0, description="Not supported: only an empty or absent suffix.")

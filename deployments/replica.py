@@ -34,6 +34,7 @@ from . import logging as events
 from .config import FaultInjection, ModelDeploymentConfig
 from .messages import ReplicaError, ReplicaInfo
 from .metrics import RayMetricsObserver
+from .statuses import status_of
 
 log = logging.getLogger("mlx_serving.replica")
 
@@ -94,8 +95,9 @@ class ModelReplica:
         if e.code == "over_capacity":
             events.queue_saturated(self.config.name, "engine", e.message)
         else:
-            log.log(logging.WARNING if e.http_status >= 500 else logging.INFO, "request failed", extra={
-                "event": "request_failed", "code": e.code, "status": e.http_status, "detail": e.message[:300],
+            status = status_of(e)
+            log.log(logging.WARNING if status >= 500 else logging.INFO, "request failed", extra={
+                "event": "request_failed", "code": e.code, "status": status, "detail": e.message[:300],
                 "model": self.config.name, "completion_id": request.get("request_id")})
 
     async def complete(self, request: dict[str, Any]) -> list[GenerationChunk] | ReplicaError:

@@ -177,13 +177,11 @@ class ConflictError(EngineError):
     """A rollout command that does not apply in the rollout's current state (409)."""
 
     code = "invalid_transition"
-    type = "invalid_request_error"
-    http_status = 409
+    kind = "conflict"
 
 
 class PermissionDeniedError(EngineError):
     """A valid key that may not do this (403): admin routes and forced variants need an admin key."""
 
     code = "permission_denied"
-    type = "permission_error"
-    http_status = 403
+    kind = "forbidden"

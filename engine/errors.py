@@ -1,19 +1,22 @@
 """One error taxonomy for the whole product.
 
-Every failure a caller can see is an ``EngineError`` with a machine-readable ``code``; the HTTP layer
-maps ``http_status`` and ``type`` straight into an OpenAI error object, so a new error never needs a
-second mapping table.
+Every failure a caller can see is an ``EngineError`` with a machine-readable ``code`` and a
+``kind``: what went wrong, in the engine's terms. The engine knows nothing of HTTP; the serving layer
+maps each kind to a status and an OpenAI error ``type`` (``deployments/statuses.py``), so a new error
+never needs a second mapping table.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
+
+ErrorKind = Literal["invalid", "auth", "forbidden", "not_found", "conflict", "too_large", "capacity",
+                    "unavailable", "timeout", "internal"]
 
 
 class EngineError(Exception):
     code: str = "engine_error"
-    type: str = "server_error"
-    http_status: int = 500
+    kind: ErrorKind = "internal"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after: float | None = None) -> None:
@@ -23,10 +26,6 @@ class EngineError(Exception):
         self.retry_after = retry_after
         if code is not None:
             self.code = code
-
-    def to_dict(self) -> dict[str, Any]:
-        """The OpenAI error object (``{"error": {...}}``)."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def __reduce__(self):  # keep code/param/retry_after across pickling (Ray hops)
         return (_rebuild, (type(self), self.message, self.param, self.code, self.retry_after))
@@ -38,55 +37,42 @@ def _rebuild(cls: type[EngineError], message: str, param: str | None, code: str,
 
 class InvalidRequestError(EngineError):
     code = "invalid_request"
-    type = "invalid_request_error"
-    http_status = 400
-
-
-class AuthenticationError(EngineError):
-    code = "invalid_api_key"
-    type = "authentication_error"
-    http_status = 401
+    kind = "invalid"
 
 
 class ModelNotFoundError(EngineError):
     code = "model_not_found"
-    type = "invalid_request_error"
-    http_status = 404
+    kind = "not_found"
 
 
 class RequestTooLargeError(EngineError):
     code = "request_too_large"
-    type = "invalid_request_error"
-    http_status = 413
+    kind = "too_large"
 
 
 class OverCapacityError(EngineError):
     code = "over_capacity"
-    type = "rate_limit_error"
-    http_status = 429
+    kind = "capacity"
 
 
 class NotReadyError(EngineError):
     code = "not_ready"
-    type = "server_error"
-    http_status = 503
+    kind = "unavailable"
 
 
 class EngineFailureError(EngineError):
     """The GPU thread died, a step raised, or a replica vanished: the request cannot finish."""
 
     code = "engine_failure"
-    type = "server_error"
-    http_status = 503
+    kind = "unavailable"
 
 
 class DeadlineExceededError(EngineError):
     code = "deadline_exceeded"
-    type = "timeout_error"
-    http_status = 504
+    kind = "timeout"
 
 
 class ModelLoadError(EngineError):
     code = "model_load_failed"
-    type = "server_error"
-    http_status = 503
+    kind = "unavailable"
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +30,24 @@ MAX_CACHE_SALT_CHARS = 256
 MAX_TOOLS = 128
 MAX_N = 64  # choices per request (the engine's max_n, default 8, is the configured bound)
 MAX_TOOL_DESCRIPTION_CHARS = 8192
+
+
+# The sampling knobs' bounds, as types: SamplingParams and the HTTP bodies (deployments/protocol.py) both
+# use these, so each bound is written once. Bounds follow OpenAI where it has them.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0, description="0 turns it off; any size is accepted (the engine clamps it to the "
+                                              "vocabulary).")]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # presence and frequency penalties
+Seed = Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP)]
+ChoiceCount = Annotated[int, Field(ge=1, le=MAX_N)]
+DraftTokens = Annotated[int, Field(ge=0, le=64, description="Speculative draft tokens per step (0 turns it off).")]
 
 
 def json_depth(value: Any) -> int:
@@ -139,19 +157,19 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 turns it off; any size is accepted (the engine clamps it to the vocabulary).")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    max_tokens: MaxTokens = 256
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     logit_bias: dict[int, float] | None = None
-    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
+    seed: Seed | None = None
+    stop: StopList = Field(default_factory=list)
     logprobs: bool = False
-    top_logprobs: int = Field(0, ge=0, le=20)
+    top_logprobs: TopLogprobs = 0
 
     @field_validator("logit_bias")
     @classmethod
@@ -177,15 +195,6 @@ class SamplingParams(BaseModel):
             return [v]
         return v
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_sizes(cls, v: list[str]) -> list[str]:
-        if any(not s for s in v):
-            raise ValueError("stop strings must not be empty")
-        if any(len(s) > MAX_STOP_CHARS for s in v):
-            raise ValueError(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
-        return v
-
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -204,11 +213,10 @@ class GenerationRequest(BaseModel):
     priority: Priority = "interactive"
     timeout_s: float | None = Field(None, gt=0.0)
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
-    num_draft_tokens: int | None = Field(
-        None, ge=0, le=64, description="Speculative decoding: draft tokens per step (0 turns it off for this request).")
+    num_draft_tokens: DraftTokens | None = None
     # Structured output (see engine.structured); kept opaque here so this module stays light.
     response_format: dict[str, Any] | None = None
-    n: int = Field(1, ge=1, le=MAX_N, description="Choices; they share one prefill.")
+    n: ChoiceCount = 1
     tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = Field(None, description="Default: auto when tools are given.")
     parallel_tool_calls: bool = True

@@ -185,7 +185,7 @@ def test_invalid_parameters_are_rejected_with_a_code(engine: Engine, bad: dict, 
 def test_unknown_model_is_model_not_found(engine: Engine) -> None:
     with pytest.raises(ModelNotFoundError) as info:
         run(engine.complete(req("nope", "hi")))
-    assert info.value.code == "model_not_found" and info.value.http_status == 404
+    assert info.value.code == "model_not_found" and info.value.kind == "not_found"
 
 
 def test_deadline_exceeded(engine: Engine) -> None:

@@ -80,7 +80,7 @@ def expect_refused(e: Engine, body: dict[str, Any], code: str, param: str | None
     assert info.value.code == code, info.value.message
     if param is not None:
         assert info.value.param == param
-    assert info.value.http_status == 400
+    assert info.value.kind == "invalid"
     return info.value
 
 
@@ -373,7 +373,7 @@ def test_preparation_runs_off_the_event_loop_and_a_full_pool_answers_429(tiny_mo
         return loop_thread, refused, ticks, await first
 
     loop_thread, refused, ticks, first = run(go())
-    assert refused is not None and refused.http_status == 429 and refused.retry_after
+    assert refused is not None and refused.kind == "capacity" and refused.retry_after
     assert ticks >= 10
     assert threads and loop_thread not in threads
     assert first.usage.completion_tokens >= 1

@@ -57,7 +57,7 @@ def rejects(code: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Inv
     with pytest.raises(InvalidRequestError) as e:
         fn(*args, **kwargs)
     assert e.value.code == code, (e.value.code, e.value.message)
-    assert e.value.param == "messages" and e.value.http_status == 400
+    assert e.value.param == "messages" and e.value.kind == "invalid"
     return e.value
 
 

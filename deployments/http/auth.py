@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from engine.errors import AuthenticationError
 
 if TYPE_CHECKING:
     from ..config import AuthConfig
@@ -76,6 +75,8 @@ class KeySet:
 def bearer(request: Request, what: str = "API key") -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        from .errors import AuthenticationError
+
         raise AuthenticationError(f"missing {what}: send 'Authorization: Bearer <key>'")
     return token.strip()
 
@@ -95,6 +96,8 @@ class Authenticator:
 
     def tenant(self, request: Request) -> str:
         """Who sends ``request`` (401 unless its key is valid, when keys are configured)."""
+        from .errors import AuthenticationError
+
         if not self.api_keys:
             return ANONYMOUS
         found = self.api_keys.match(bearer(request))
@@ -105,6 +108,7 @@ class Authenticator:
     def admin(self, request: Request) -> None:
         """401 without a valid key; 403 for a valid non-admin key, and when no admin key is configured."""
         from ..route_client import PermissionDeniedError
+        from .errors import AuthenticationError
 
         if not self.admin_keys:
             raise PermissionDeniedError("the admin API is disabled: no admin keys are configured (set auth.admin_keys "

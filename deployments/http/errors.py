@@ -69,6 +69,11 @@ def _model() -> str | None:
     return note.get("model") if note else None
 
 
+class AuthenticationError(EngineError):
+    code = "invalid_api_key"
+    kind = "auth"
+
+
 def error_response(err: ReplicaError | EngineError, headers: dict[str, str] | None = None) -> JSONResponse:
     if isinstance(err, EngineError):
         err = ReplicaError.of(err)
@@ -113,9 +118,8 @@ def install_handlers(app: FastAPI) -> None:
             message = "the request body is not valid JSON"
         else:
             message = str(exc.detail)[:200]
-        err = EngineError(message, code=_HTTP_CODES.get(status, "http_error"))
-        err.http_status = status
-        err.type = "invalid_request_error" if 400 <= status < 500 else "server_error"
+        err = ReplicaError(code=_HTTP_CODES.get(status, "http_error"), message=message, http_status=status,
+                           type="invalid_request_error" if 400 <= status < 500 else "server_error")
         return error_response(err, dict(exc.headers or {}))
 
     @app.exception_handler(Exception)

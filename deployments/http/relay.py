@@ -20,7 +20,7 @@ from engine.errors import EngineError, EngineFailureError
 from engine.request import GenerationChunk
 
 from .. import logging as events
-from ..messages import ReplicaError
+from ..messages import RemoteError, ReplicaError
 from .errors import RETRY_AFTER_S, as_replica_error
 
 log = logging.getLogger("mlx_serving.ingress")
@@ -31,10 +31,7 @@ RETRYABLE = frozenset({"replica_died", "engine_dead"})  # nothing was generated:
 
 def as_engine_error(err: ReplicaError) -> EngineError:
     """Re-raise a replica's error in this process with its status and code intact."""
-    e = EngineError(err.message, param=err.param, code=err.code, retry_after=err.retry_after)
-    e.http_status = err.http_status
-    e.type = err.type
-    return e
+    return RemoteError(err)
 
 
 def _retryable(e: BaseException | ReplicaError) -> bool:

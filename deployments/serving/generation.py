@@ -30,6 +30,7 @@ from ..messages import ReplicaError
 from ..protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, new_id
 from ..route_client import Pick, RouteClient
 from ..routing.stats import Outcome
+from ..statuses import status_of
 from .targets import Targets
 
 VARIANT_HEADER = "x-mlx-variant"  # on every response: the variant (or, for a plain model, the model) that served it
@@ -69,7 +70,8 @@ def outcome(t0: float, err: ReplicaError | EngineError | None = None, first_at: 
     variant's: it is reported as a client error, which no breaker or rollback counts as a failure."""
     now = time.perf_counter()
     if err is not None:
-        return Outcome(ok=False, code=err.code, e2e_s=now - t0, client_error=400 <= err.http_status < 500)
+        status = err.http_status if isinstance(err, ReplicaError) else status_of(err)
+        return Outcome(ok=False, code=err.code, e2e_s=now - t0, client_error=400 <= status < 500)
     ttft = first_at - t0 if first_at is not None else None
     tpot = (now - first_at) / (tokens - 1) if first_at is not None and tokens > 1 else None
     return Outcome(ok=True, ttft_s=ttft, tpot_s=tpot, e2e_s=now - t0)
@@ -128,7 +130,7 @@ class GenerationFlow:
             if body.include_usage and len(finals) == body.n:
                 yield shape.usage(UsageInfo.total(finals))
         except Exception as e:  # noqa: BLE001 - a bug while framing: the client still gets an error event
-            yield sse_event(internal_error(e).to_dict())
+            yield sse_event(ReplicaError.of(internal_error(e)).to_openai())
         yield SSE_DONE
 
     def _tracker(self, track: _Track | None, choices: int) -> Callable[[GenerationChunk | ReplicaError], None] | None:
