@@ -12,12 +12,13 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.errors import InvalidRequestError
 from engine.tools import assemble
 from engine.request import (
-    MAX_CACHE_SALT_CHARS, MAX_CHOICE_CHARS, MAX_CHOICES, MAX_MESSAGES, MAX_TOKEN_IDS, MAX_TOOLS, ChatMessage,
+    MAX_CACHE_SALT_CHARS, MAX_CHOICE_CHARS, MAX_CHOICES, MAX_MESSAGES, MAX_PROMPTS, MAX_TOKEN_IDS, MAX_TOOLS,
+    ChatMessage, ScoreOrMaxTokens,
     ChoiceCount, DraftTokens, GenerationChunk, GenerationRequest, MaxTokens, MinP, Penalty, RepetitionPenalty, SamplingParams, Seed, StopList,
     StopString, Temperature, TokenLogprob, ToolCallDelta, ToolChoice, ToolDef, TopK, TopLogprobs, TopP,
 )
@@ -100,7 +101,7 @@ class _SamplingFields(BaseModel):
                       "frequency_penalty", "logit_bias", "seed", "stop")
             if getattr(self, k) is not None
         }
-        return SamplingParams(max_tokens=max_tokens or default_max_tokens, logprobs=logprobs,
+        return SamplingParams(max_tokens=default_max_tokens if max_tokens is None else max_tokens, logprobs=logprobs,
                               top_logprobs=top_logprobs, **fields)
 
     @property
@@ -125,12 +126,16 @@ class ChatCompletionRequest(_SamplingFields):
         None, description="Passed to the chat template as `reasoning_effort` (a 400 when the template does not use it).")
     modalities: list[Literal["text"]] | None = Field(None, description="Text only.")
 
+    @property
+    def choices(self) -> int:
+        return self.n
+
     def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str,
-                  cache_scope: str) -> GenerationRequest:
+                  cache_scope: str) -> list[GenerationRequest]:
         kwargs = dict(self.chat_template_kwargs or {})
         if self.reasoning_effort is not None:
             kwargs["reasoning_effort"] = self.reasoning_effort
-        return GenerationRequest(
+        return [GenerationRequest(
             model=self.model, messages=self.messages,
             sampling=self.sampling(self.max_completion_tokens or self.max_tokens, default_max_tokens,
                                    self.logprobs, self.top_logprobs or 0),
@@ -138,14 +143,21 @@ class ChatCompletionRequest(_SamplingFields):
             num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope, n=self.n, tools=self.tools,
             tool_choice=self.tool_choice, parallel_tool_calls=self.parallel_tool_calls,
             chat_template_kwargs=kwargs or None,
-        )
+        )]
+
+
+PromptList = Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+TokenIdsList = Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | TokenIds = Field(description="A string, or a list of token ids.")
-    max_tokens: MaxTokens | None = 16
+    prompt: str | TokenIds | PromptList | TokenIdsList = Field(
+        description="A string, a list of token ids, or a list of either (several prompts: their choices come in "
+                    "prompt order, n each).")
+    max_tokens: ScoreOrMaxTokens | None = Field(16, description="0 with echo: score the prompt, generate nothing.")
     logprobs: TopLogprobs | None = None
-    echo: bool = False
+    echo: bool = Field(False, description="The prompt comes first; with logprobs, its tokens' logprobs too (the "
+                                          "first is null).")
     best_of: int | None = Field(None, ge=1, description="Only best_of equal to n (or unset) is supported.")
     suffix: str | None = Field(None, max_length=0, description="Not supported: only an empty or absent suffix.")
 
@@ -156,22 +168,34 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("only best_of equal to n is supported")
         return v
 
-    @field_validator("prompt")
-    @classmethod
-    def _nonempty(cls, v: str | list[int]) -> str | list[int]:
-        if not v:
+    @model_validator(mode="after")
+    def _prompts_and_scoring(self) -> CompletionRequest:
+        if any(not p for p in self.prompts()):
             raise ValueError("prompt must not be empty")
-        return v
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 scores the prompt and needs echo")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+    @property
+    def choices(self) -> int:
+        return self.n * len(self.prompts())
 
     def to_engine(self, default_max_tokens: int, timeout_s: float | None, request_id: str,
-                  cache_scope: str) -> GenerationRequest:
-        prompt = {"prompt": self.prompt} if isinstance(self.prompt, str) else {"prompt_token_ids": self.prompt}
-        return GenerationRequest(
-            model=self.model, **prompt,
+                  cache_scope: str) -> list[GenerationRequest]:
+        """One engine request per prompt (the replica batches them), the first with ``request_id``."""
+        return [GenerationRequest(
+            model=self.model, **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}),
             sampling=self.sampling(self.max_tokens, default_max_tokens, self.logprobs is not None, self.logprobs or 0),
-            priority=self.priority, timeout_s=timeout_s, request_id=request_id, response_format=self.structured(),
-            num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope, n=self.n,
-        )
+            priority=self.priority, timeout_s=timeout_s, request_id=request_id if i == 0 else f"{request_id}-{i}",
+            response_format=self.structured(), num_draft_tokens=self.num_draft_tokens, cache_scope=cache_scope,
+            n=self.n, echo=self.echo, prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
+        ) for i, p in enumerate(self.prompts())]
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -228,7 +252,7 @@ class ChatLogprobs(BaseModel):
         if lps is None:
             return None
         return cls(content=[ChatLogprobOut(
-            token=lp.token, logprob=_finite(lp.logprob), bytes=list(lp.token.encode()),
+            token=lp.token, logprob=_finite(lp.logprob or 0.0), bytes=list(lp.token.encode()),
             top_logprobs=[TopLogprobOut(token=t.token, logprob=_finite(t.logprob), bytes=list(t.token.encode()))
                           for t in lp.top_logprobs],
         ) for lp in lps])
@@ -236,15 +260,25 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # with echo, the first prompt token's is null
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]  # where each token starts in the choice's text
 
     @classmethod
-    def of(cls, lps: list[TokenLogprob] | None) -> CompletionLogprobs | None:
-        if lps is None:
+    def of(cls, chunk: GenerationChunk, offset: int = 0) -> CompletionLogprobs | None:
+        """The prompt's logprobs (with echo) and the generated tokens', as one list; ``offset``: where
+        this chunk's text starts in the choice's whole text."""
+        if chunk.logprobs is None and chunk.prompt_logprobs is None:
             return None
-        return cls(tokens=[lp.token for lp in lps], token_logprobs=[_finite(lp.logprob) for lp in lps],
-                   top_logprobs=[{t.token: _finite(t.logprob) for t in lp.top_logprobs} for lp in lps])
+        lps = [*(chunk.prompt_logprobs or []), *(chunk.logprobs or [])]
+        offsets = []
+        for lp in lps:
+            offsets.append(offset)
+            offset += len(lp.token)
+        return cls(tokens=[lp.token for lp in lps], text_offset=offsets,
+                   token_logprobs=[None if lp.logprob is None else _finite(lp.logprob) for lp in lps],
+                   top_logprobs=[None if lp.logprob is None else {t.token: _finite(t.logprob) for t in lp.top_logprobs}
+                                 for lp in lps])
 
 
 class FunctionCallOut(BaseModel):

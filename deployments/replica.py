@@ -27,6 +27,7 @@ from ray import serve
 
 from engine import sources
 from engine.engine import Engine, merge_by_index
+from engine.merge import merged
 from engine.errors import EngineError, EngineFailureError
 from engine.request import ChatMessage, GenerationChunk, ToolDef
 
@@ -61,8 +62,27 @@ class ModelReplica:
             handler.flush()
         os._exit(1)
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[GenerationChunk | ReplicaError]:
-        """Stream chunks; each item holds every token produced since the previous one."""
+    async def generate(self, request: dict[str, Any] | list[dict[str, Any]]) -> AsyncIterator[GenerationChunk | ReplicaError]:
+        """Stream chunks; each item holds every token produced since the previous one. A list of
+        requests (the prompts of one completion) runs together: choice indexes follow prompt order."""
+        if isinstance(request, list):
+            async for item in merged([self._offset(self._generate(r), i * int(r.get("n", 1)))
+                                      for i, r in enumerate(request)]):
+                yield item
+                if isinstance(item, ReplicaError):
+                    return
+            return
+        async for item in self._generate(request):
+            yield item
+
+    @staticmethod
+    async def _offset(items: AsyncIterator[GenerationChunk | ReplicaError], by: int) -> AsyncIterator[GenerationChunk | ReplicaError]:
+        async for item in items:
+            if isinstance(item, GenerationChunk):
+                item.index += by
+            yield item
+
+    async def _generate(self, request: dict[str, Any]) -> AsyncIterator[GenerationChunk | ReplicaError]:
         fault = self.config.fault
         try:
             if fault is not None:
@@ -100,7 +120,7 @@ class ModelReplica:
                 "event": "request_failed", "code": e.code, "status": status, "detail": e.message[:300],
                 "model": self.config.name, "completion_id": request.get("request_id")})
 
-    async def complete(self, request: dict[str, Any]) -> list[GenerationChunk] | ReplicaError:
+    async def complete(self, request: dict[str, Any] | list[dict[str, Any]]) -> list[GenerationChunk] | ReplicaError:
         """Each choice's whole output, in choice order."""
         chunks = []
         async for item in self.generate(request):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from .chat import render_chat
 from .config import EngineConfig
 from .constraints import constraint_processors
+from .merge import merged
 from .errors import (
     EngineError, EngineFailureError, InvalidRequestError, ModelNotFoundError, NotReadyError,
 )
@@ -163,11 +164,18 @@ class Engine:
         if p.top_k >= m.vocab_size:  # keeping every token is what a top_k past the vocabulary means
             p = p.model_copy(update={"top_k": 0})
         self._check_n(m, request.n)
+        if (request.prompt_logprobs is not None or p.max_tokens == 0) and vision is not None:
+            raise InvalidRequestError("prompt logprobs and max_tokens 0 are not supported for vision models",
+                                      param="max_tokens", code="unsupported_parameter")
+        prompt_text = None
+        if request.echo:
+            prompt_text = request.prompt if request.prompt is not None else m.tokenizer.decode(prompt)
         channel = m.chat.first_channel(prompt) if request.messages is not None else "content"
         constraints = constraint_processors(m, request, channel)  # compiled here: a bad schema is a 400 now
         deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
         num_draft = 0
-        if m.draft is not None and not constraints and request.n == 1:  # the others stay in the batch
+        scoring = request.prompt_logprobs is not None or p.max_tokens == 0
+        if m.draft is not None and not constraints and request.n == 1 and not scoring:  # the rest: the batch
             wanted = self.config.num_draft_tokens if request.num_draft_tokens is None else request.num_draft_tokens
             if wanted > self.config.max_draft_tokens:
                 raise InvalidRequestError(f"num_draft_tokens may be at most {self.config.max_draft_tokens}",
@@ -187,7 +195,7 @@ class Engine:
                 members.append(Sequence(
                     request=request, prompt=prompt, stream=stream, sampler=guard.sampler(make_sampler(p_i)),
                     processors=[guard.processor(f) for f in processors], deadline=deadline, num_draft=num_draft,
-                    vision=vision, guard=guard, channel=channel, tools=tools, index=i))
+                    vision=vision, guard=guard, channel=channel, tools=tools, index=i, prompt_text=prompt_text))
         except BaseException:
             for seq in members:
                 self._registry.close(seq.key)
@@ -220,7 +228,7 @@ class Engine:
             raise
         self._scheduler.submit(leader)
         try:
-            async for chunk in _merged([seq.stream for seq in leader.members]):
+            async for chunk in merged([_chunks(seq.stream) for seq in leader.members]):
                 yield chunk
         finally:
             self._close(leader)
@@ -267,27 +275,13 @@ class Engine:
         self._prepare.shutdown()
 
 
-async def _merged(streams: list[Any]) -> AsyncIterator[GenerationChunk]:
-    """Chunks of several streams as they come, until each has finished (an error ends them all)."""
-    if len(streams) == 1:  # the common case, without tasks
-        while True:
-            chunk = await streams[0].next()
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
-    pending = {asyncio.ensure_future(s.next()): s for s in streams}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                stream = pending.pop(fut)
-                chunk = fut.result()
-                yield chunk
-                if chunk.finish_reason is None:
-                    pending[asyncio.ensure_future(stream.next())] = stream
-    finally:
-        for fut in pending:
-            fut.cancel()
+async def _chunks(stream: Any) -> AsyncIterator[GenerationChunk]:
+    """One stream's chunks until its final one (its errors raise)."""
+    while True:
+        chunk = await stream.next()
+        yield chunk
+        if chunk.finish_reason is not None:
+            return
 
 
 def merge_by_index(chunks: list[GenerationChunk]) -> list[GenerationChunk]:

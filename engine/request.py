@@ -22,6 +22,7 @@ MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256  # characters per stop string (the matcher holds back up to this much text)
 MAX_MESSAGES = 2048
 MAX_TOKEN_IDS = 1_048_576  # token lists: completion prompts, /detokenize
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_LOGIT_BIAS = 1024
 MAX_CHOICES = 256  # guided_choice alternatives
 MAX_CHOICE_CHARS = 1024
@@ -43,6 +44,7 @@ RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # presence and frequency penalties
 Seed = Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
+ScoreOrMaxTokens = Annotated[int, Field(ge=0, le=MAX_NEW_TOKENS, description="0: score the prompt, generate nothing.")]
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP)]
@@ -157,7 +159,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: MaxTokens = 256
+    max_tokens: ScoreOrMaxTokens = 256
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK = 0
@@ -217,6 +219,9 @@ class GenerationRequest(BaseModel):
     # Structured output (see engine.structured); kept opaque here so this module stays light.
     response_format: dict[str, Any] | None = None
     n: ChoiceCount = 1
+    prompt_logprobs: TopLogprobs | None = Field(
+        None, description="Return the prompt tokens' logprobs (with this many alternatives each); the first is None.")
+    echo: bool = Field(False, description="Return the prompt's text with the first chunk (prompt_text).")
     tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = Field(None, description="Default: auto when tools are given.")
     parallel_tool_calls: bool = True
@@ -274,7 +279,7 @@ class TopLogprob(BaseModel):
 class TokenLogprob(BaseModel):
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None: nothing predicts it (a prompt's first token)
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
@@ -299,6 +304,8 @@ class GenerationChunk(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     index: int = 0  # which choice of the request (n > 1, several prompts)
+    prompt_text: str | None = None  # with ``echo``: the prompt, in a choice's first chunk
+    prompt_logprobs: list[TokenLogprob] | None = None  # with ``prompt_logprobs``: in a choice's first chunk
 
     def merge(self, later: GenerationChunk) -> GenerationChunk:
         """Coalesce a later chunk into this one (a lagging consumer gets one item, not many)."""
@@ -318,6 +325,8 @@ class GenerationChunk(BaseModel):
             finish_reason=later.finish_reason,
             usage=later.usage,
             index=self.index,
+            prompt_text=self.prompt_text if self.prompt_text is not None else later.prompt_text,
+            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
         )
 
 

@@ -27,6 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
 from .batch import StepResult, prefill
 from .chat import Channel
 from .config import EngineConfig
@@ -40,12 +42,12 @@ from .models import (
 from .observer import EngineObserver
 from .output import SequenceOutput
 from .prompt_cache import PromptCache
-from .speculative import SpeculativeRun
-from .streams import Waker
-from .vision import VisionInputs, load_vision_model, warmup_vision
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, RowGuard, Sampler
-from .streams import RequestStream
+from .scoring import score_prompt
+from .speculative import SpeculativeRun
+from .streams import RequestStream, Waker
+from .vision import VisionInputs, load_vision_model, warmup_vision
 
 log = logging.getLogger("mlx_serving.engine")
 
@@ -77,6 +79,8 @@ class Sequence:
     tools: list[dict] | None = None  # the request's tools when calls are parsed (tool_choice is not none)
     index: int = 0  # which choice of its request
     group: list[Sequence] | None = None  # the leader of n > 1 choices: all of them, itself first
+    prompt_text: str | None = None  # with echo: returned with the first chunk
+    prompt_lps: list[Any] | None = None  # the prompt's logprobs, when asked for: with the first chunk
 
     @property
     def members(self) -> list[Sequence]:
@@ -344,31 +348,65 @@ class GpuScheduler:
                 prefill_step_size=self.config.prefill_step_size)
             m.speculative[seq.key] = seq
             return
-        if len(seq.members) > 1:
-            self._start_group(m, seq)
+        cache, cached = self._prefix(m, seq)
+        if p.max_tokens == 0 or len(seq.members) > 1:
+            self._start_group(m, seq, cache, cached)
             return
-        scope = seq.request.cache_scope
-        cache, seq.cached_tokens = m.prompt_cache.lookup(seq.prompt, scope) if m.prompt_cache else (None, 0)
-        prompt = seq.vision if seq.vision is not None else seq.prompt[seq.cached_tokens:]
+        seq.cached_tokens = self._reused(seq, cached)
+        prompt = seq.vision if seq.vision is not None else seq.prompt[cached:]
         seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors,
-                                 cache=cache, cached_tokens=seq.prompt[:seq.cached_tokens])
+                                 cache=cache, cached_tokens=seq.prompt[:cached])
         seq.vision = None  # the batch holds what it needs; drop the decoded images
         m.running[seq.uid] = seq
 
-    def _start_group(self, m: LoadedModel, leader: Sequence) -> None:
+    def _prefix(self, m: LoadedModel, seq: Sequence) -> tuple[list[Any] | None, int]:
+        """A KV cache of the prompt's first tokens and how many it holds: from scoring the prompt when its
+        logprobs are asked for (the cache scoring fills is kept), else from the prefix cache."""
+        request = seq.request
+        if request.prompt_logprobs is not None:
+            cache, seq.prompt_lps = score_prompt(m.model, seq.prompt, request.prompt_logprobs, m.batch.stream,
+                                                 m.tokenizer.decode)
+            if can_trim_prompt_cache(cache):  # the last prompt token is fed again to start generation
+                trim_prompt_cache(cache, 1)
+                return cache, len(seq.prompt) - 1
+            return None, 0
+        if m.prompt_cache is None:
+            return None, 0
+        return m.prompt_cache.lookup(seq.prompt, request.cache_scope)
+
+    @staticmethod
+    def _reused(seq: Sequence, cached: int) -> int:
+        """Prompt tokens served from the prefix cache (a cache that scoring just filled reuses nothing)."""
+        return 0 if seq.request.prompt_logprobs is not None else cached
+
+    def _start_group(self, m: LoadedModel, leader: Sequence, cache: list[Any] | None, cached: int) -> None:
         """The n choices of one request: the prompt is prefilled once, each choice decodes from a copy
-        of that cache (the prefix cache may have part of it already)."""
+        of that cache. With ``max_tokens`` 0 (scoring only) each choice ends at once."""
         prompt, p = leader.prompt, leader.request.sampling
-        cache, cached = m.prompt_cache.lookup(prompt, leader.request.cache_scope) if m.prompt_cache else (None, 0)
+        if p.max_tokens == 0:
+            for member in leader.members:
+                member.prompt_lps = leader.prompt_lps
+                self._score_only(m, member, self._reused(leader, cached))
+            return
         cache = prefill(m.model, prompt[cached:-1], cache, m.batch.stream, self.config.prefill_step_size)
         for member in leader.members:
-            member.cached_tokens = cached
+            member.cached_tokens, member.prompt_lps = self._reused(leader, cached), leader.prompt_lps
             if member is not leader:
                 member.output = SequenceOutput(m.tokenizer, p, m.eos_ids, m.chat, member.channel, member.tools)
             member.uid = m.batch.insert(prompt[-1:], p.max_tokens, member.sampler, member.processors,
                                         cache=copy.deepcopy(cache) if cache is not None else None,
                                         cached_tokens=prompt[:-1])
             m.running[member.uid] = member
+
+    def _score_only(self, m: LoadedModel, seq: Sequence, cached: int) -> None:
+        """``max_tokens`` 0: the answer is the prompt (and its logprobs), nothing is generated."""
+        usage = Usage.model_construct(prompt_tokens=len(seq.prompt), completion_tokens=0,
+                                      total_tokens=len(seq.prompt), cached_tokens=cached)
+        self._finish(m, seq)
+        self.observer.on_finish(m.name, usage.prompt_tokens, 0, cached, time.monotonic() - seq.submitted, "length")
+        seq.stream.push(GenerationChunk.model_construct(
+            request_id=seq.request.request_id, index=seq.index, finish_reason="length", usage=usage,
+            prompt_text=seq.prompt_text, prompt_logprobs=seq.prompt_lps))
 
     def _hold_prefill(self, m: LoadedModel, free: int) -> bool:
         """Whether the waiting text requests should wait a little for more to join their prefill pass.
@@ -460,7 +498,8 @@ class GpuScheduler:
         assert out is not None
         piece = out.add(r.token, r.logprobs)
         finish = "stop" if piece.stop_hit or r.finish_reason == "stop" else r.finish_reason
-        if seq.first_token_at is None:
+        first = seq.first_token_at is None
+        if first:
             seq.first_token_at = now
             self.observer.on_first_token(m.name, now - seq.submitted)
         usage = None
@@ -495,7 +534,8 @@ class GpuScheduler:
             request_id=seq.request.request_id, text=piece.text, reasoning=piece.reasoning,
             tool_calls=piece.tool_calls or None, token_ids=[r.token],
             logprobs=[piece.logprob] if piece.logprob is not None else None, finish_reason=finish, usage=usage,
-            index=seq.index,
+            index=seq.index, prompt_text=seq.prompt_text if first else None,
+            prompt_logprobs=seq.prompt_lps if first else None,
         ), deferred=True)
         return finish is not None
 

@@ -14,6 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Every /v1/chat/completions and /v1/completions answer a test reads, each SSE event included, must
+    # validate against the openai package's own types (tests/openai_types.py): a violation fails the test.
+    import openai_types
+
+    openai_types.install()
+    config.pluginmanager.register(openai_types, "openai-types")
+
+
 @pytest.fixture(scope="session")
 def vision_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.demo_vision import make_demo_vision_model

@@ -158,7 +158,7 @@ def test_64_concurrent_requests_complete_with_correct_usage(engine: Engine) -> N
 
 @pytest.mark.parametrize("bad, code", [
     ({"sampling": {"temperature": -1}}, "invalid_request"),
-    ({"sampling": {"max_tokens": 0}}, "invalid_request"),
+    ({"sampling": {"max_tokens": -1}}, "invalid_request"),  # 0 means: score the prompt, generate nothing
     ({"sampling": {"top_p": 0}}, "invalid_request"),
     ({"sampling": {"logit_bias": {5000: 1.0}}}, "token_id_out_of_range"),
     ({"sampling": {"max_tokens": 100000}}, "context_length_exceeded"),

@@ -38,17 +38,24 @@ def _retryable(e: BaseException | ReplicaError) -> bool:
     return isinstance(e, RayActorError) or (isinstance(e, ReplicaError) and e.code in RETRYABLE)
 
 
-def _gave_up(payload: dict[str, Any], last: BaseException | ReplicaError) -> EngineError:
-    rid = payload.get("request_id")
+def _gave_up(payload: Payload, last: BaseException | ReplicaError) -> EngineError:
+    rid = _id(payload)
+    model = (payload[0] if isinstance(payload, list) else payload).get("model")
     log.warning("request %s: its replica died on %d attempts; not retried again (suspect request)",
                 rid, REPLICA_RETRIES + 1, extra={"event": "suspect_request", "completion_id": rid,
-                                                 "model": payload.get("model"), "detail": repr(last)[:300]})
+                                                 "model": model, "detail": repr(last)[:300]})
     return EngineFailureError(f"the model replicas serving this request died {REPLICA_RETRIES + 1} times; it was "
                               f"not retried again (request id {rid})", code="replica_died", retry_after=RETRY_AFTER_S)
 
 
-async def open_stream(handle: DeploymentHandle, payload: dict[str, Any]
-                      ) -> tuple[DeploymentResponseGenerator, GenerationChunk]:
+Payload = dict[str, Any] | list[dict[str, Any]]  # one engine request, or several (prompts run together)
+
+
+def _id(payload: Payload) -> str | None:
+    return (payload[0] if isinstance(payload, list) else payload).get("request_id")
+
+
+async def open_stream(handle: DeploymentHandle, payload: Payload) -> tuple[DeploymentResponseGenerator, GenerationChunk]:
     """Start streaming and wait for the first item, so failures still get a proper status."""
     last: BaseException | ReplicaError | None = None
     for _ in range(REPLICA_RETRIES + 1):
@@ -77,7 +84,7 @@ async def open_stream(handle: DeploymentHandle, payload: dict[str, Any]
     raise _gave_up(payload, last)
 
 
-async def complete(handle: DeploymentHandle, payload: dict[str, Any]) -> list[GenerationChunk]:
+async def complete(handle: DeploymentHandle, payload: Payload) -> list[GenerationChunk]:
     """The whole answer of a unary call (each choice's, in order), with the same retry as a stream."""
     last: BaseException | ReplicaError | None = None
     for _ in range(REPLICA_RETRIES + 1):

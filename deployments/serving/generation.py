@@ -95,7 +95,7 @@ class GenerationFlow:
             if body.stream:
                 gen, first = await relay.open_stream(target.handle, payload)
                 track = _Track(pick, t0, time.perf_counter()) if pick is not None else None
-                return StreamingResponse(self._sse(body, gen, first, track, shape(payload["request_id"])),
+                return StreamingResponse(self._sse(body, gen, first, track, shape(request_id_of(payload))),
                                          media_type="text/event-stream", headers=headers)
             results = await relay.complete(target.handle, payload)
         except EngineError as e:
@@ -106,20 +106,20 @@ class GenerationFlow:
             n = sum(r.usage.completion_tokens if r.usage is not None else len(r.token_ids) for r in results)
             e2e = time.perf_counter() - t0
             self.routes.record(pick, Outcome(ok=True, e2e_s=e2e, tpot_s=e2e / n if n else None))
-        return JSONResponse(whole(payload["request_id"], results).model_dump(mode="json", exclude_none=True),
+        return JSONResponse(whole(request_id_of(payload), results).model_dump(mode="json", exclude_none=True),
                             headers=headers)
 
     async def _sse(self, body: GenerationBody, gen: DeploymentResponseGenerator, first: GenerationChunk,
                    track: _Track | None, shape: SseShape) -> AsyncIterator[str]:
         """One SSE stream as OpenAI sends it: events with content, an error event if the replica
         failed, the usage event when asked for, then ``[DONE]``."""
-        for index in range(body.n):
+        for index in range(body.choices):
             opening = shape.opening(index)
             if opening is not None:
                 yield opening
         finals: list[GenerationChunk] = []  # each choice's last chunk: its usage
         try:
-            async for item in relay.relay(gen, first, body.n, self._tracker(track, body.n)):
+            async for item in relay.relay(gen, first, body.choices, self._tracker(track, body.choices)):
                 if isinstance(item, ReplicaError):
                     yield sse_event(item.to_openai())
                     break
@@ -127,7 +127,7 @@ class GenerationFlow:
                     finals.append(item)
                 if item.text or item.reasoning or item.tool_calls or item.finish_reason or item.logprobs:
                     yield shape.event(item)
-            if body.include_usage and len(finals) == body.n:
+            if body.include_usage and len(finals) == body.choices:
                 yield shape.usage(UsageInfo.total(finals))
         except Exception as e:  # noqa: BLE001 - a bug while framing: the client still gets an error event
             yield sse_event(ReplicaError.of(internal_error(e)).to_openai())
@@ -156,20 +156,26 @@ class GenerationFlow:
 
 
 def engine_payload(body: GenerationBody, limits: LimitsConfig, prefix: str, scope: str,
-                   pick: Pick | None) -> dict[str, Any]:
-    """The engine request a replica receives, as the dict that crosses the Ray hop."""
+                   pick: Pick | None) -> dict[str, Any] | list[dict[str, Any]]:
+    """What the replica receives across the Ray hop: one engine request as a dict, or a list of them
+    (several prompts: the replica runs them together)."""
     annotate(model=body.model)  # for the access log and the HTTP metrics (a known model or route here)
     body.check_fields()
     try:
-        req = body.to_engine(limits.default_max_tokens, limits.request_timeout_s, new_id(prefix), scope)
-        payload = req.model_dump(mode="json")
+        reqs = body.to_engine(limits.default_max_tokens, limits.request_timeout_s, new_id(prefix), scope)
+        payloads = [r.model_dump(mode="json") for r in reqs]
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ()))
         raise InvalidRequestError(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")), param=loc or None) from None
     except ValueError as e:  # pydantic's serializer refusing a value (PydanticSerializationError)
         raise InvalidRequestError(f"the request cannot be serialized: {str(e)[:200]}") from None
-    annotate(completion_id=req.request_id)
+    annotate(completion_id=reqs[0].request_id)
     if pick is not None:  # the replica knows its model by its own name, not the route's
-        payload["model"] = pick.deployment
-    return payload
+        for payload in payloads:
+            payload["model"] = pick.deployment
+    return payloads[0] if len(payloads) == 1 else payloads
+
+
+def request_id_of(payload: dict[str, Any] | list[dict[str, Any]]) -> str:
+    return (payload[0] if isinstance(payload, list) else payload)["request_id"]
