@@ -3,10 +3,13 @@
 All parts run in-process through ``engine.engine.Engine`` on the same model (default: the bench demo
 model), with closed-loop asyncio clients (each sends its next request when its previous one ends):
 
-  constrained  16 clients of free greedy generation, then 16 with a JSON-schema ``response_format``
-               (one engine): what structured output costs in aggregate tokens/s. Every constrained
-               output that finished with "stop" must parse as JSON and match the schema, and every
-               one (cut at max_tokens or not) must replay through the schema's grammar.
+  constrained  16 clients of free greedy generation, then 16 constrained (one engine): what
+               structured output costs in aggregate tokens/s. Half the constrained requests carry a
+               JSON-schema ``response_format``, the other half are forced tool calls (``--tool-share``;
+               their free twins offer the same tools with tool_choice none). Every JSON output that
+               finished with "stop" must parse and match the schema, every one must replay through
+               the schema's grammar, and every call that closed must validate. The ratio is the median
+               over repetitions of each repetition's constrained / free (with its min and max).
   prefix       one request at a time, each a shared ~1,000-token system prefix plus a user part of
                its own (all of one length), after two priming requests (a cache miss, then a hit); one engine with the prompt (prefix) cache on
                (EngineConfig's size) and one with it off: what the cache saves in TTFT, and that it
@@ -50,6 +53,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 from collections import Counter, deque
@@ -80,6 +84,10 @@ SCHEMA: dict[str, Any] = {
     "required": ["title", "summary", "tags"],
 }
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "article", "schema": SCHEMA}}
+# Tool calls in the mix: the same open schema as a function's parameters. The constrained side forces a
+# call (tool_choice required); its free counterpart gets the same messages and tools with tool_choice none.
+TOOLS = [{"type": "function", "function": {"name": "publish_article", "description": "Publish an article.",
+                                           "parameters": SCHEMA}}]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spec-clients", type=int, default=2, help="speculative clients in phase B (2)")
     p.add_argument("--num-draft-tokens", type=int,
                    help="draft tokens per verify step of the speculative requests (default: EngineConfig's)")
+    p.add_argument("--tool-share", type=float, default=0.5,
+                   help="share of the constrained part's requests that are tool calls (0.5: every other one)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measure each comparison this many times, alternating the order of its two sides")
     p.add_argument("--json", help="write the results as JSON to this path")
@@ -205,9 +215,18 @@ def request(prompt: list[int], max_tokens: int, bias: dict[int, float], **extra:
                              sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=bias), **extra)
 
 
-def new_record(prompt: list[int], index: int = -1) -> dict[str, Any]:
-    return {"index": index, "prompt_tokens": len(prompt), "start": None, "first": None, "end": None, "tokens": 0,
-            "ids": [], "text": [], "finish": None, "usage": None}
+def tool_request(text: str, max_tokens: int, bias: dict[int, float], choice: str):
+    """A chat request offering ``TOOLS``: ``required`` (the constrained side) or ``none`` (its free twin)."""
+    from engine.request import GenerationRequest, SamplingParams
+
+    return GenerationRequest(model=NAME, messages=[{"role": "user", "content": text}], tools=TOOLS,
+                             tool_choice=choice, parallel_tool_calls=False,
+                             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=bias))
+
+
+def new_record(prompt: list[int] | None, index: int = -1) -> dict[str, Any]:
+    return {"index": index, "prompt_tokens": len(prompt or []), "start": None, "first": None, "end": None,
+            "tokens": 0, "ids": [], "text": [], "calls": [], "finish": None, "usage": None}
 
 
 async def stream_into(engine, req, rec: dict[str, Any]) -> dict[str, Any]:
@@ -220,9 +239,12 @@ async def stream_into(engine, req, rec: dict[str, Any]) -> dict[str, Any]:
         rec["tokens"] += len(chunk.token_ids)
         rec["ids"].extend(chunk.token_ids)
         rec["text"].append(chunk.text)
+        rec["calls"].extend(chunk.tool_calls or [])
         if chunk.finish_reason is not None:
             rec["finish"] = chunk.finish_reason
             rec["usage"] = chunk.usage.model_dump() if chunk.usage is not None else None
+            if chunk.usage is not None:
+                rec["prompt_tokens"] = chunk.usage.prompt_tokens
     rec["end"] = time.perf_counter()
     return rec
 
@@ -348,6 +370,30 @@ def grammar_checker(ctx: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
     return ok
 
 
+def check_calls(rec: dict[str, Any]) -> bool:
+    """A forced call that closed validates against its function's parameters (one cut at max_tokens is
+    checked by the grammar replay only)."""
+    from engine.tools import assemble
+
+    if rec["finish"] != "tool_calls":
+        return rec["finish"] == "length"
+    calls = assemble(rec["calls"])
+    try:
+        values = [json.loads(call["arguments"]) for call in calls]
+    except ValueError:
+        return False
+    try:
+        import jsonschema
+    except ImportError:  # a GPU machine without it: the arguments parse, the grammar replay covers the rest
+        return len(calls) == 1
+    try:
+        for value in values:
+            jsonschema.validate(value, SCHEMA)
+    except jsonschema.ValidationError:
+        return False
+    return len(calls) == 1 and calls[0]["name"] == "publish_article"
+
+
 def check_json(rec: dict[str, Any]) -> tuple[bool, bool | None]:
     """(parses as JSON, matches SCHEMA or None when jsonschema is not installed) for a finished output."""
     try:
@@ -378,21 +424,30 @@ async def part_constrained(args: argparse.Namespace, cfg, path: Path, ctx: dict[
     follows_grammar = grammar_checker(ctx)
     try:
         # warm-up outside timing: a full-width batch of both paths at once (the schema compiled too)
-        warm = [(i, request(p, 8, bias, **({"response_format": RESPONSE_FORMAT} if i % 2 else {})))
-                for i, p in enumerate(prompts.block(args.clients))]
-        await closed_loop(engine, warm, args.clients, [])
+        warm_block = prompts.block(2 * args.clients)
+        for side in ("free", "constrained"):
+            await closed_loop(engine, mixed_work(side, warm_block, 8, bias, args.tool_share, ctx), args.clients, [])
         for rep in range(args.repeat):
-            block = prompts.block(n)  # the same prompts for both sides: prefill work depends on them
+            block = prompts.block(n)  # fresh prompts per repetition, the same for both sides: prefill work depends on them
             order = ("free", "constrained") if rep % 2 == 0 else ("constrained", "free")
+            pair: dict[str, float] = {}
             for side in order:
-                extra = {"response_format": RESPONSE_FORMAT} if side == "constrained" else {}
-                work = [(i, request(p, args.max_tokens, bias, **extra)) for i, p in enumerate(block)]
+                work = mixed_work(side, block, args.max_tokens, bias, args.tool_share, ctx)
                 recs: list[dict[str, Any]] = []
                 l0, t0 = load1(), time.perf_counter()
                 await closed_loop(engine, work, args.clients, recs)
                 s = summarize(side, args.clients, time.perf_counter() - t0, recs, (l0, load1()))
+                pair[side] = s["tokens_per_s"] or 0.0
                 note = ""
                 if side == "constrained":
+                    tool_recs = [r for r in recs if r["index"] in ctx["tool_indexes"]]
+                    s["tool_requests"] = len(tool_recs)
+                    s["tool_call_violations"] = sum(not check_calls(r) for r in tool_recs)
+                    checks["tool_requests"] = checks.get("tool_requests", 0) + len(tool_recs)
+                    checks["tool_call_violations"] = checks.get("tool_call_violations", 0) + s["tool_call_violations"]
+                    checks["tool_calls_closed"] = checks.get("tool_calls_closed", 0) + sum(
+                        r["finish"] == "tool_calls" for r in tool_recs)
+                    recs = [r for r in recs if r["index"] not in ctx["tool_indexes"]]
                     stopped = [r for r in recs if r["finish"] == "stop"]
                     parsed = [check_json(r) for r in stopped]
                     s["json_checked"] = len(stopped)
@@ -410,12 +465,32 @@ async def part_constrained(args: argparse.Namespace, cfg, path: Path, ctx: dict[
                     else:
                         checks["schema_violations"] += s["schema_violations"]
                     note = (f", invalid JSON {s['invalid_json']} of {len(stopped)} that stopped, "
-                            f"off-grammar {s['grammar_violations']} of {len(recs)}")
+                            f"off-grammar {s['grammar_violations']} of {len(recs)}, tool calls invalid "
+                            f"{s['tool_call_violations']} of {s['tool_requests']}")
                 res.keep_best(s, higher_tps)
                 report_line(s, note)
+            checks.setdefault("ratio_per_repeat", []).append(ratio(pair["constrained"], pair["free"]))
     finally:
         await engine.shutdown(drain_timeout_s=5.0)
     return checks
+
+
+def mixed_work(side: str, block: list[list[int]], max_tokens: int, bias: dict[int, float], tool_share: float,
+               ctx: dict[str, Any]) -> list[tuple[int, Any]]:
+    """One side's requests over ``block``: a ``tool_share`` of them chat requests with tools (forced calls on
+    the constrained side, tool_choice none on the free side), the rest token prompts (with the JSON schema
+    on the constrained side)."""
+    every = round(1 / tool_share) if tool_share > 0 else 0
+    ctx["tool_indexes"] = {i for i in range(len(block)) if every and i % every == every - 1}
+    decode = ctx["tokenizer"].decode
+    out = []
+    for i, p in enumerate(block):
+        if i in ctx["tool_indexes"]:
+            out.append((i, tool_request(decode(p), max_tokens, bias, "required" if side == "constrained" else "none")))
+        else:
+            extra = {"response_format": RESPONSE_FORMAT} if side == "constrained" else {}
+            out.append((i, request(p, max_tokens, bias, **extra)))
+    return out
 
 
 # -- part 2: prefix cache TTFT ------------------------------------------------------------------------
@@ -622,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- report -----------------------------------------------------------------------------------
     get = res.get
     c = args.clients
-    labels = {"free": "free (greedy)", "constrained": "constrained (json_schema)",
+    labels = {"free": "free (greedy)", "constrained": "constrained (json_schema, tools)",
               "prefix_cache_on": "prefix cache on", "prefix_cache_off": "prefix cache off",
               "batch_alone": "batch clients alone", "batch_with_speculative": "batch clients + speculative",
               "speculative": "speculative clients"}
@@ -633,8 +708,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         detail = ", ".join(f"{k} {v}" for k, v in sorted(s["finish_reasons"].items()))
         if series == "constrained":
-            detail += (f"; invalid JSON {s['invalid_json']}/{s['json_checked']} stopped, "
-                       f"off-grammar {s['grammar_violations']}/{s['requests']}")
+            detail += (f"; invalid JSON {s['invalid_json']}/{s['json_checked']} stopped, off-grammar "
+                       f"{s['grammar_violations']}/{s['requests'] - s['tool_requests']}, invalid calls "
+                       f"{s['tool_call_violations']}/{s['tool_requests']}")
         elif series.startswith("prefix"):
             detail = f"cached {fmt(s['cached_tokens_mean'])} of {fmt(s['prompt_tokens_mean'])}"
         elif series == "speculative":
@@ -657,8 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         return s["decode_tokens_per_s_per_request"] if s else None
 
     on, off = get("prefix_cache_on"), get("prefix_cache_off")
+    per_repeat = [r for r in checks.get("constrained", {}).get("ratio_per_repeat", []) if r is not None]
     ratios: dict[str, float | None] = {
-        f"constrained_vs_free_c{c}": ratio(tps("constrained"), tps("free")),
+        f"constrained_vs_free_c{c}": statistics.median(per_repeat) if per_repeat else None,
         "prefix_cache_ttft_speedup": ratio(off["ttft_ms"]["p50"], on["ttft_ms"]["p50"]) if on and off else None,
         "batch_tps_with_speculative_vs_alone": ratio(tps("batch_with_speculative"), tps("batch_alone")),
         "spec_request_tps_vs_batch_request_tps": ratio(per_request("speculative"),
@@ -672,11 +749,16 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in ratios.items():
         if v is not None:
             print(f"{k:40s} {v:7.3f}")
+    if per_repeat:
+        print(f"constrained / free per repetition (median judged): {', '.join(f'{r:.3f}' for r in per_repeat)}; "
+              f"min {min(per_repeat):.3f}, max {max(per_repeat):.3f}")
     for k, t in targets.items():
         state = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
         print(f"target {k:33s} >= {t['target']:<4} {state}")
     if "constrained" in checks:
         ch = checks["constrained"]
+        print(f"tool calls: {ch.get('tool_requests', 0)} forced, {ch.get('tool_calls_closed', 0)} closed, "
+              f"{ch.get('tool_call_violations', 0)} invalid (a call cut at max_tokens is not checked)")
         print(f"constrained outputs: {ch['stop']} stopped ({ch['invalid_json']} invalid JSON, "
               f"{ch['schema_violations'] if ch['schema_checked'] else 'unchecked'} schema violations), "
               f"{ch['length']} cut at max_tokens; {ch['grammar_violations']} of {ch['outputs']} outputs off the "
@@ -711,6 +793,10 @@ def main(argv: list[str] | None = None) -> int:
             "num_draft_tokens": args.num_draft_tokens or cfg.num_draft_tokens,
             "draft": str(draft),
             "response_format": RESPONSE_FORMAT,
+            "tools": TOOLS,
+            "tool_share": args.tool_share,
+            "constrained_ratio": "per repetition, constrained / free aggregate tokens/s of the same block; the median "
+                                 "of the repetitions is reported (checks.constrained.ratio_per_repeat has them all)",
             "sampling": "greedy (temperature 0)",
             "eos_suppression": f"logit_bias -100 on EOS ids {eos_ids} for every request (constrained ones still "
                                "end when their JSON closes: the grammar then allows only EOS)",

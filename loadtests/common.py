@@ -64,11 +64,12 @@ def ensure_model(model: str | None, model_dir: str | Path | None, preset: str = 
             raise SystemExit(f"--model {model}: no such directory")
         return path.resolve()
     target = Path(model_dir).expanduser() if model_dir else default_model_dir(preset)
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
-        return target.resolve()
+    default = target.resolve() == default_model_dir(preset).resolve()
+    if not default and (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target.resolve()  # the default one goes through resolve(), which rebuilds a stale demo
     t0 = time.monotonic()
     print(f"building demo model {preset!r} into {target} ...", flush=True)
-    if target.resolve() == default_model_dir(preset).resolve():
+    if default:
         from engine.sources import resolve
 
         out = Path(resolve(f"demo:{preset}"))  # locked: other processes may build it too
