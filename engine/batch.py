@@ -58,20 +58,38 @@ class TextBatch:
         self._live: set[int] = set()
         self._constrained: set[int] = set()  # live uids with a grammar: their masks are one pass a step
         self._masks = MaskPass()
+        self._first: set[int] = set()  # uids put ahead of the prefill queue (interactive prompts)
 
     def insert(self, prompt: list[int], max_tokens: int, sampler: Sampler | None,
                processors: list[LogitsProcessor], cache: list[Any] | None = None,
-               cached_tokens: list[int] | None = None) -> int:
-        """Queue a sequence; with ``cache`` (KV of ``cached_tokens``) only ``prompt`` is prefilled."""
+               cached_tokens: list[int] | None = None, *, first: bool = False) -> int:
+        """Queue a sequence; with ``cache`` (KV of ``cached_tokens``) only ``prompt`` is prefilled.
+
+        ``first``: prefill it before the prompts already queued (after other ``first`` ones), so an
+        interactive prompt does not wait for a row of batch prompts' prefill chunks."""
         (uid,) = self._gen.insert(
             [prompt], max_tokens=[max_tokens], samplers=[sampler], logits_processors=[processors],
             caches=[cache] if cache is not None else None,
             all_tokens=[list(cached_tokens)] if cached_tokens else None,
         )
+        if first:
+            self._to_front(uid)
         self._live.add(uid)
         if any(isinstance(getattr(p, "inner", p), GrammarProcessor) for p in processors):
             self._constrained.add(uid)
         return uid
+
+    def _to_front(self, uid: int) -> None:
+        queued = self._gen._unprocessed_sequences  # pinned 0.32.2: a deque of (uid, segments, ...), prefilled in order
+        if not queued or queued[-1][0] != uid:
+            return
+        entry = queued.pop()
+        self._first = {u for u in self._first if any(q[0] == u for q in queued)}  # those still queued
+        at = 0
+        while at < len(queued) and queued[at][0] in self._first:
+            at += 1
+        queued.insert(at, entry)
+        self._first.add(uid)
 
     def remove(self, uids: Sequence[int], keep_caches: bool = False) -> dict[int, tuple[list[Any], list[int]]]:
         """Drop sequences; with ``keep_caches`` return each one's (KV cache, tokens it holds)."""

@@ -43,6 +43,7 @@ class EngineHealth(BaseModel):
     active: int
     waiting: int
     cancelled_total: int
+    submitted_total: int
     seconds_since_tick: float
 
 
@@ -258,6 +259,7 @@ class Engine:
             alive=alive, stuck=stuck, healthy=alive and not stuck, detail=detail,
             models=[m.name for m in models], active=sum(len(m.running) + len(m.speculative) for m in models),
             waiting=sum(len(m.waiting) for m in models), cancelled_total=s.cancelled_total,
+            submitted_total=s.submitted_total,
             seconds_since_tick=since,
         )
 

@@ -290,6 +290,10 @@ class Usage(BaseModel):
     cached_tokens: int = 0
     draft_tokens: int | None = None  # proposed by the draft model (speculative requests only)
     accepted_draft_tokens: int | None = None
+    # This choice's timing: to its first token, and the mean time per output token after it. The
+    # engine fills them from submission; a model replica restates them as it delivered the tokens.
+    ttft_s: float | None = None
+    tpot_s: float | None = None
 
 
 class GenerationChunk(BaseModel):

@@ -120,6 +120,7 @@ class GpuScheduler:
         self.dead: BaseException | None = None
         self.heartbeat = time.monotonic()
         self.cancelled_total = 0  # sequences dropped because their consumer went away
+        self.submitted_total = 0  # requests handed to this thread (the ingress's QoS tests count on it)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
         self._death_listeners: list[Callable[[BaseException], None]] = []
@@ -140,6 +141,7 @@ class GpuScheduler:
         return fut
 
     def submit(self, seq: Sequence) -> None:
+        self.submitted_total += 1
         self.post("submit", seq)
         if self.dead is not None:
             seq.stream.push(EngineFailureError("the engine's GPU thread died", code="engine_dead"))
@@ -354,8 +356,8 @@ class GpuScheduler:
             return
         seq.cached_tokens = self._reused(seq, cached)
         prompt = seq.vision if seq.vision is not None else seq.prompt[cached:]
-        seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors,
-                                 cache=cache, cached_tokens=seq.prompt[:cached])
+        seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors, cache=cache,
+                                 cached_tokens=seq.prompt[:cached], first=seq.request.priority == "interactive")
         seq.vision = None  # the batch holds what it needs; drop the decoded images
         m.running[seq.uid] = seq
 
@@ -413,13 +415,15 @@ class GpuScheduler:
 
         A prefill pass costs nearly the same for a few prompts as for a group, and closed-loop clients
         send their next requests a few at a time just after their previous ones end. Only while other
-        sequences decode (an idle batch admits at once) and never past ``admission_window_ms``.
+        sequences decode (an idle batch admits at once), never past ``admission_window_ms``, and never
+        for an interactive request (its time to first token is what its user waits on).
         """
         window = self.config.admission_window_ms / 1000.0
         if window <= 0 or not m.running or free <= 0:
             return False
         text = [s for s in m.waiting if not _speculative(s, m)]
-        if not text or len(text) >= min(self.config.prefill_batch_size, free):
+        if not text or len(text) >= min(self.config.prefill_batch_size, free) or any(
+                s.request.priority == "interactive" for s in text):
             return False
         return time.monotonic() - min(s.submitted for s in text) < window
 
@@ -519,11 +523,14 @@ class GpuScheduler:
                     m.prompt_cache.store(r.all_tokens, r.cache, seq.request.cache_scope)
                 except Exception:  # noqa: BLE001
                     log.exception("storing the prompt cache of request %s failed", seq.request.request_id)
+            decoded = out.completion_tokens - 1
             usage = Usage.model_construct(
                 prompt_tokens=len(seq.prompt), completion_tokens=out.completion_tokens,
                 total_tokens=len(seq.prompt) + out.completion_tokens, cached_tokens=seq.cached_tokens,
                 draft_tokens=seq.spec.proposed if seq.spec else None,
                 accepted_draft_tokens=seq.spec.accepted if seq.spec else None,
+                ttft_s=seq.first_token_at - seq.submitted,
+                tpot_s=(now - seq.first_token_at) / decoded if decoded > 0 else None,
             )
             if seq.spec is not None:
                 self.observer.on_speculative(m.name, seq.spec.proposed, seq.spec.accepted)

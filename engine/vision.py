@@ -353,8 +353,9 @@ class VisionBatch:
 
     def insert(self, prompt: VisionInputs | Sequence[int], max_tokens: int, sampler: Sampler | None,
                processors: list[LogitsProcessor], cache: list[Any] | None = None,
-               cached_tokens: list[int] | None = None, *, keep_logprobs: bool = True) -> int:
+               cached_tokens: list[int] | None = None, *, keep_logprobs: bool = True, first: bool = False) -> int:
         """Queue one sequence: ``VisionInputs`` (chat with or without images) or plain token ids.
+        (``first`` is accepted for the text batch's interface: vision prompts are prefilled in order.)
 
         ``StepResult.logprobs`` is the row's log-probability vector (after ``processors``), or None with
         ``keep_logprobs=False`` (saves holding a vocabulary-sized row per sequence). The prefix cache is

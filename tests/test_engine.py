@@ -246,7 +246,8 @@ def test_cancelling_a_consumer_frees_its_slot(tiny_model_dir: Path) -> None:
 
 
 def test_admission_window_holds_a_lone_prompt_but_admits_a_full_prefill_group(tiny_model_dir: Path) -> None:
-    """While others decode, a prefill group of prompts joins at once; a lone prompt waits for company."""
+    """While others decode, a prefill group of prompts joins at once, and so does a lone interactive
+    prompt; a lone batch prompt waits for company."""
     e = Engine(EngineConfig(prefill_batch_size=4, admission_window_ms=10_000, warmup=False, prompt_cache_gb=0))
 
     async def go() -> None:
@@ -254,8 +255,10 @@ def test_admission_window_holds_a_lone_prompt_but_admits_a_full_prefill_group(ti
         no_eos = {next(iter(e._model("tiny").eos_ids)): -100.0}
         done: list[str] = []
 
-        async def run_one(tag: str, max_tokens: int) -> None:
-            await e.complete(req("tiny", f"request {tag}", max_tokens=max_tokens, logit_bias=no_eos))
+        async def run_one(tag: str, max_tokens: int, priority: str = "batch") -> None:
+            body = req("tiny", f"request {tag}", max_tokens=max_tokens, logit_bias=no_eos)
+            body["priority"] = priority
+            await e.complete(body)
             done.append(tag)
 
         long = asyncio.create_task(run_one("long", 400))
@@ -264,6 +267,8 @@ def test_admission_window_holds_a_lone_prompt_but_admits_a_full_prefill_group(ti
         await asyncio.gather(*(run_one(f"group{i}", 2) for i in range(4)))
         assert sorted(done) == [f"group{i}" for i in range(4)]
         assert e.health().active == 1  # the long request still decodes: the group did not wait for it
+        await run_one("interactive", 2, "interactive")
+        assert e.health().active == 1  # an interactive prompt is never held for a group
         await asyncio.gather(long, run_one("lone", 2))
         assert done[-2:] == ["long", "lone"]  # held (window 10 s) until the batch emptied
 
@@ -273,6 +278,27 @@ def test_admission_window_holds_a_lone_prompt_but_admits_a_full_prefill_group(ti
         run(e.shutdown(drain_timeout_s=1))
 
 
+
+
+def test_interactive_prompts_are_prefilled_before_queued_batch_prompts(tiny_model_dir: Path) -> None:
+    """In the batch's prefill queue an interactive prompt goes ahead of batch ones (behind earlier
+    interactive ones), so it never waits for a row of batch prompts' prefill chunks."""
+    from mlx_lm.utils import load
+
+    from engine.batch import TextBatch
+
+    model, _ = load(str(tiny_model_dir))
+    batch = TextBatch(model, [0], max_batch_size=8, prefill_batch_size=1, prefill_step_size=64)
+    try:
+        a, b = (batch.insert([5, 6, 7], 2, None, []) for _ in range(2))
+        i1 = batch.insert([5, 6, 8], 2, None, [], first=True)
+        c = batch.insert([5, 6, 9], 2, None, [])
+        i2 = batch.insert([5, 6, 10], 2, None, [], first=True)
+        assert [q[0] for q in batch._gen._unprocessed_sequences] == [i1, i2, a, b, c]
+        batch.step()  # one prompt at a time (prefill_batch_size 1): the first interactive one
+        assert batch._gen._prompt_batch.uids == [i1] or i1 in batch._gen._generation_batch.uids
+    finally:
+        batch.close()
 
 
 def test_interactive_requests_are_admitted_before_batch_ones(tiny_model_dir: Path) -> None:
