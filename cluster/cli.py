@@ -237,6 +237,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         for m in ready.get("models", []):
             flag = "NOT ready" if not m["ready"] else "DEGRADED" if m.get("degraded") else "ready"
             print(f"  model {m['name']}: {flag} ({m.get('detail', '')})")
+        _print_qos(state.http_url)
     inventory = args.inventory or (cluster.inventory if cluster is not None else None)
     rc = 0
     if inventory:
@@ -253,6 +254,41 @@ def _cmd_status(args: argparse.Namespace) -> int:
                                       (details.get("applications") or {}).values()]},
                     dashboard, details.get("http_options") or {}, detail=True)
     return rc
+
+
+def qos_lines(report: dict[str, Any]) -> list[str]:
+    """``GET /qos`` for a person: each model's gate, SLOs and shedding, then the caller's key."""
+    out = []
+    for name, m in (report.get("models") or {}).items():
+        waiting = sum((m.get("waiting") or {}).values())
+        inflight = sum((m.get("inflight") or {}).values())
+        scale = f", autoscaler target {m['autoscaling_target']}" if m.get("autoscaling_target") is not None else ""
+        shed = ", SHEDDING batch requests" if m.get("shedding") else ""
+        out.append(f"  model {name}: {inflight}/{m.get('capacity')} in flight, {waiting} waiting, "
+                   f"{m.get('expired', 0)} expired in the queue{scale}{shed}")
+        for slo, v in (m.get("slos") or {}).items():
+            rates = v.get("burn_rate") or {}
+            out.append(f"    slo {slo} (target {v.get('target')}): {'met' if v.get('met') else 'NOT met'}, burn rate "
+                       f"5m {rates.get('5m', 0):.2f} / 1h {rates.get('1h', 0):.2f}, {v.get('bad_1h')} bad of "
+                       f"{v.get('total_1h')} in the last hour")
+    key = report.get("key")
+    if key:
+        limits = ", ".join(f"{k.removeprefix('x-ratelimit-')} {v}" for k, v in key.items() if k.startswith("x-ratelimit-"))
+        out.append(f"  key {key['name']}: max priority {key['max_priority']}, {key['inflight']} in flight"
+                   + (f", {limits}" if limits else ""))
+    return out
+
+
+def _print_qos(http_url: str) -> None:
+    """The ingress's QoS view (with the first key of MLX_SERVING_API_KEYS when the API needs one)."""
+    key = next((k.strip() for k in os.environ.get("MLX_SERVING_API_KEYS", "").split(",") if k.strip()), None)
+    code, body = local.get_json(http_url + "/qos", headers={"Authorization": f"Bearer {key}"} if key else None)
+    if code != 200 or not isinstance(body, dict):
+        print(f"qos: unavailable (HTTP {code}{': set MLX_SERVING_API_KEYS' if code == 401 else ''})")
+        return
+    print("qos (one ingress replica's view; docs/qos.md):")
+    for line in qos_lines(body):
+        print(line)
 
 
 def _cmd_keys_new(args: argparse.Namespace) -> int:
@@ -314,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop what `up` started, and nothing else")
     down.set_defaults(func=_cmd_down)
 
-    status = sub.add_parser("status", help="deployments, replicas and their hosts, readiness")
+    status = sub.add_parser("status", help="deployments, replicas and their hosts, readiness, SLOs and admission")
     status.add_argument("--dashboard", default=_DEFAULT_DASHBOARD)
     status.add_argument("--address")
     status.add_argument("--inventory", help="also show this fleet's memory plan per host beside what runs there")

@@ -37,7 +37,7 @@ def build_app(args: dict[str, Any]) -> Application:
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_DEPLOYMENT,
         num_replicas=config.ingress_replicas,
-        max_ongoing_requests=4096,  # it only relays; admission control lives at the replicas
+        max_ongoing_requests=4096,  # it relays; its admission gates (deployments/qos) hold what replicas cannot take
         ray_actor_options={"num_cpus": 0},
         # Keys live in the ingress's user_config (`mlx-serving up` moves them there, as hashes): a key
         # change then reconfigures the ingress alone. `args.auth` is its default.

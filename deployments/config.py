@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from engine.config import EngineConfig
 from engine.request import MAX_JSON_DEPTH
 
+from .qos.config import KeyPolicy, QosConfig
 from .routing.config import RouteConfig
+
+DEFAULT_TARGET_ONGOING = 2  # Ray Serve's default autoscaling target_ongoing_requests
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -80,6 +83,7 @@ class ModelDeploymentConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0.0, description="In-flight streams get this long to finish.")
     health_check_period_s: float = Field(10.0, gt=0.0)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    qos: QosConfig = Field(default_factory=QosConfig, description="Deadlines, SLOs and remediation (docs/qos.md).")
     fault: FaultInjection | None = None
 
     @field_validator("name")
@@ -93,9 +97,23 @@ class ModelDeploymentConfig(BaseModel):
     def _replicas(self) -> ModelDeploymentConfig:
         if self.autoscaling_config is not None:
             self.num_replicas = None
+            target = self.autoscaling_config.get("target_ongoing_requests", DEFAULT_TARGET_ONGOING)
+            if isinstance(target, (int, float)) and target >= self.max_ongoing_requests:
+                # The ingress's admission gate keeps what a replica cannot take (never more than
+                # max_ongoing_requests each), so Serve's autoscaler would never see a load above target.
+                raise ValueError(f"autoscaling_config.target_ongoing_requests ({target}) must be below "
+                                 f"max_ongoing_requests ({self.max_ongoing_requests}) to ever scale out")
         elif self.num_replicas is None:
             raise ValueError("give num_replicas or autoscaling_config")
         return self
+
+    @property
+    def planned_replicas(self) -> int:
+        """Replicas to expect before Serve says how many run: num_replicas, else the autoscaling start."""
+        if self.num_replicas is not None:
+            return self.num_replicas
+        a = self.autoscaling_config or {}
+        return int(a.get("initial_replicas") or a.get("min_replicas") or 1)
 
     @field_validator("hosts", "fallback_hosts")
     @classmethod
@@ -147,6 +165,17 @@ class AuthConfig(BaseModel):
     allow_unauthenticated_network: bool = Field(
         False, description="Allow serving HTTP on a non-loopback address with no API key (anyone who reaches the "
                            "port may use the models). `mlx-serving up --allow-unauthenticated-network` sets it.")
+    keys: list[KeyPolicy] = Field(
+        default_factory=list, description="API keys with a name and limits (priority ceiling, requests and tokens "
+                                          "per minute, concurrency); each is an API key too (docs/qos.md).")
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> AuthConfig:
+        for what, values in (("key", [k.key for k in self.keys]), ("name", [k.name for k in self.keys])):
+            dupes = sorted({v for v in values if values.count(v) > 1})
+            if dupes:
+                raise ValueError(f"auth.keys: repeated {what}(s): {', '.join(dupes)}")
+        return self
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

@@ -9,6 +9,7 @@ in this deployment's ``user_config`` (hashes), so rotating them reconfigures the
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures' types at runtime,
 # through Serve's wrapper of this class.
 
+import asyncio
 import logging
 import time
 from functools import partial
@@ -35,6 +36,7 @@ from .protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ErrorResponse, ModelCard, ModelList, ReadyResponse, TokenizeRequest, TokenizeResponse,
 )
+from .qos.service import TICK_S, Qos
 from .readiness import Readiness
 from .route_client import RouteClient
 from .serving import chat, completions
@@ -57,6 +59,14 @@ install_handlers(app)
 _limits = {"max_body_bytes": 4 * 1024 * 1024, "max_json_depth": 64}
 app.add_middleware(RequestLimits, limits=lambda: (_limits["max_body_bytes"], _limits["max_json_depth"]))
 app.add_middleware(HttpObservability)  # outermost: x-request-id, JSON access log, HTTP metrics
+
+
+def _rank() -> int:
+    """This ingress replica's rank in its deployment (0 when Serve does not say)."""
+    try:
+        return int(serve.get_replica_context().rank.rank)
+    except Exception:  # noqa: BLE001 - older Serve: no ranks
+        return 0
 
 
 def _proxy_host() -> str | None:
@@ -82,21 +92,44 @@ class Ingress:
         self.router = router
         self.routes = RouteClient(router)  # routes live in the router's user_config, not in these init args
         self.targets = Targets(models, self.routes)
-        self.flow = GenerationFlow(self.targets, self.routes)
+        self.qos = Qos(self.config, self.config.auth.keys)
+        self.qos.reports_scaling = _rank() == 0  # one ingress replica reports the autoscaler's moves
+        self.flow = GenerationFlow(self.targets, self.routes, self.qos)
         self.readiness = Readiness(serve.get_replica_context().app_name)
         self.created = int(time.time())
         self.http_host = _proxy_host()
+        self._qos_task: asyncio.Task | None = None
         self.reconfigure({"auth": self.config.auth.model_dump()})  # until Serve hands over the user_config
         try:
             self.routes.start()  # fetch the routing table now, not on the first request
+            self._start_qos()
         except RuntimeError:
-            pass  # no running event loop: the first request starts it
+            pass  # no running event loop: the first request starts them
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Keys changed (``serve deploy`` of a new user_config): only this deployment picks them up."""
-        auth = Authenticator(IngressSettings.model_validate(user_config or {}).auth)
+        settings = IngressSettings.model_validate(user_config or {})
+        auth = Authenticator(settings.auth)
         check_exposure(auth, self.http_host)
         self.auth = auth
+        self.qos.set_policies(settings.auth.keys)
+
+    def _start_qos(self) -> None:
+        if self._qos_task is None:
+            self._qos_task = asyncio.get_running_loop().create_task(self._qos_forever())
+
+    async def _qos_forever(self) -> None:
+        """Gates sized to the replicas that run, the autoscaler's moves, shedding, gauges: every TICK_S."""
+        while True:
+            try:
+                self.qos.refresh(await self.readiness.statuses(self.config))
+            except RuntimeError as e:
+                if "after shutdown" in str(e):  # the replica is stopping: its thread pool is gone
+                    return
+                log.exception("QoS refresh failed")
+            except Exception:  # noqa: BLE001 - QoS bookkeeping must never take the ingress down
+                log.exception("QoS refresh failed")
+            await asyncio.sleep(TICK_S)
 
     # -- OpenAI API -----------------------------------------------------------------------------
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
@@ -106,11 +139,13 @@ class Ingress:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        self._start_qos()
         return await self.flow.run(body, request, self.auth, self.config.limits, "chatcmpl",
                                    partial(chat.stream_shape, body), partial(chat.whole, body))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        self._start_qos()
         return await self.flow.run(body, request, self.auth, self.config.limits, "cmpl",
                                    partial(completions.stream_shape, body), partial(completions.whole, body))
 
@@ -153,6 +188,14 @@ class Ingress:
         """promote (canary to 100%), rollback (canary to 0%), pause / resume judgement, start a pending rollout."""
         self.auth.admin(request)
         return await admin.command(self.router, route, action, None, body.reason if body else None)
+
+    # -- quality of service ----------------------------------------------------------------------
+    @app.get("/qos", responses=ERRORS)
+    async def qos_report(self, request: Request) -> dict[str, Any]:
+        """This ingress replica's view: per model its admission gate, SLO burn rates and shedding; the
+        caller's key's limits and what is left of them."""
+        _, key_hash = self.auth.identify(request)
+        return self.qos.report(key_hash)
 
     # -- health ---------------------------------------------------------------------------------
     @app.get("/health")

@@ -122,6 +122,12 @@ def queue_saturated(model: str | None, where: str, detail: str = "", **fields: A
         event("queue_saturated", logging.WARNING, model=model, where=where, detail=detail, suppressed=held, **fields)
 
 
+def qos_action(model: str, action: str, reason: str = "", **fields: Any) -> None:
+    """A remediation the ingress took or saw (shedding on/off, a scale-out or scale-in)."""
+    level = logging.WARNING if action in ("shed_batch_on", "scale_out") else logging.INFO
+    event("qos_action", level, model=model, action=action, reason=reason, **fields)
+
+
 def breaker_transition(route: str, variant: str, from_state: str, to_state: str, reason: str = "",
                        **fields: Any) -> None:
     level = logging.WARNING if to_state == "open" else logging.INFO

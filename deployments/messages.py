@@ -43,6 +43,7 @@ class ReplicaInfo(BaseModel):
     active: int
     waiting: int
     cancelled_total: int
+    submitted_total: int = 0  # requests that reached the engine
     models: list[ModelInfo]
     rss_bytes: int = 0  # resident memory of the replica process (overload runs watch it)
 

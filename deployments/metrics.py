@@ -156,26 +156,28 @@ _http_metrics: HttpMetrics | None = None
 _http_lock = threading.Lock()
 
 
+def http_metrics_backend() -> Backend:
+    """Ray's API when Ray is up (a Serve replica), else prometheus-client's default registry (an ingress
+    app run without Ray)."""
+    try:
+        import ray
+
+        ray_up = ray.is_initialized()
+    except ImportError:
+        ray_up = False
+    if ray_up:
+        return RayBackend()
+    from prometheus_client import REGISTRY
+
+    return PrometheusBackend(REGISTRY)
+
+
 def http_metrics() -> HttpMetrics:
-    """This process's HTTP metrics: Ray's API when Ray is up (a Serve replica), else prometheus-client's
-    default registry (an ingress app run without Ray)."""
+    """This process's HTTP metrics."""
     global _http_metrics
     with _http_lock:
         if _http_metrics is None:
-            backend: Backend
-            try:
-                import ray
-
-                ray_up = ray.is_initialized()
-            except ImportError:
-                ray_up = False
-            if ray_up:
-                backend = RayBackend()
-            else:
-                from prometheus_client import REGISTRY
-
-                backend = PrometheusBackend(REGISTRY)
-            _http_metrics = HttpMetrics(backend)
+            _http_metrics = HttpMetrics(http_metrics_backend())
         return _http_metrics
 
 
@@ -377,4 +379,7 @@ ROUTER = RouterMetrics()
 def all_metric_names(ray_prefix: bool = False) -> list[str]:
     """Every metric family name this project exports (for docs and tests)."""
     p = "ray_" if ray_prefix else ""
-    return [p + s.full_name for s in (*ENGINE_METRICS.values(), *HTTP_METRICS.values(), *ROUTER_METRICS.values())]
+    from .qos.metrics import QOS_METRICS
+
+    return [p + s.full_name for s in (*ENGINE_METRICS.values(), *HTTP_METRICS.values(), *ROUTER_METRICS.values(),
+                                      *QOS_METRICS.values())]

@@ -58,7 +58,13 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     n: ChoiceCount = Field(1, description="Choices; they share one prefill. At most the engine's max_n (default 8).")
     user: str | None = None
-    priority: Literal["interactive", "batch"] = "interactive"
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="Extension: interactive requests go first wherever requests wait; an API key's "
+                                   "max_priority may lower it (docs/qos.md).")
+    timeout: float | None = Field(
+        None, gt=0, description="Extension: seconds this request may take from its arrival, waiting included (504 "
+                                "deadline_exceeded after); default: the model's qos.default_timeout_s, at most "
+                                "limits.request_timeout_s.")
     response_format: dict[str, Any] | None = Field(
         None, description="OpenAI's {'type': 'text'|'json_object'|'json_schema', ...}; also {'type': 'regex', "
                           "'pattern': ...} and {'type': 'choice', 'choices': [...]}.")
@@ -434,6 +440,7 @@ class ModelStatus(BaseModel):
     detail: str = ""
     replicas_target: int | None = None  # what the config asks for (autoscaling: min_replicas)
     degraded: bool = False  # serving, with fewer running replicas than replicas_target (a host is down)
+    autoscaling_target: int | None = None  # autoscaled models: the replicas Serve's autoscaler wants now
 
 
 class ReadyResponse(BaseModel):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ray import serve
-
 from .config import AppConfig
 from .protocol import ModelStatus
 
@@ -48,9 +46,16 @@ class Readiness:
         return self._cached
 
     def _read(self, config: AppConfig) -> list[ModelStatus]:
-        """A model is ready when a replica of it runs (on a thread: this blocks on the controller)."""
+        """A model is ready when a replica of it runs (on a thread: this blocks on the controller).
+
+        Serve's full details, not ``serve.status()`` (which is made from them): they also hold the
+        autoscaler's current target per deployment."""
         try:
-            deployments = serve.status().applications[self.app_name].deployments
+            from ray.serve.context import _get_global_client
+            from ray.serve.schema import ServeInstanceDetails
+
+            details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+            deployments = details.applications[self.app_name].deployments
         except Exception as e:  # noqa: BLE001 - the controller is briefly unreachable
             return [ModelStatus(name=m.name, ready=False, detail=f"status unavailable: {type(e).__name__}")
                     for m in config.models]
@@ -63,7 +68,7 @@ class Readiness:
                 continue
             # A model stays ready while one replica runs; fewer than configured (a host is down, its
             # replicas wait for it or for room elsewhere) is reported as degraded, not as down.
-            running = int(d.replica_states.get("RUNNING", 0))
+            running = sum(_status_name(r.state) == "RUNNING" for r in d.replicas)
             # Serve's message may hold a whole traceback: its first line says enough.
             message = (d.message or "").strip().splitlines()[0][:200] if (d.message or "").strip() else ""
             message = message.removesuffix("Error:").strip()
@@ -71,5 +76,6 @@ class Readiness:
             if running < target:
                 detail += f" ({running} of {target} replicas running)"
             out.append(ModelStatus(name=m.name, ready=running > 0, replicas_healthy=running, detail=detail,
-                                   replicas_target=target, degraded=0 < running < target))
+                                   replicas_target=target, degraded=0 < running < target,
+                                   autoscaling_target=d.target_num_replicas if m.autoscaling_config else None))
         return out

@@ -40,6 +40,27 @@ from .statuses import status_of
 log = logging.getLogger("mlx_serving.replica")
 
 
+class DeliveryTiming:
+    """A request's timing as this replica delivered it, written into each choice's final usage: the
+    ingress judges SLOs on it. It covers what the engine's own figures do not (preparation, and
+    whatever slowed delivery), from the moment the replica received the request."""
+
+    def __init__(self) -> None:
+        self.received = time.perf_counter()
+        self.first: dict[int, float] = {}  # choice index -> when its first token left
+
+    def restate(self, chunk: GenerationChunk) -> None:
+        now = time.perf_counter()
+        if chunk.token_ids:
+            self.first.setdefault(chunk.index, now)
+        u = chunk.usage
+        if u is None or chunk.index not in self.first:
+            return
+        first = self.first[chunk.index]
+        u.ttft_s = first - self.received
+        u.tpot_s = (now - first) / (u.completion_tokens - 1) if u.completion_tokens > 1 else None
+
+
 class ModelReplica:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ModelDeploymentConfig.model_validate(config)
@@ -88,9 +109,11 @@ class ModelReplica:
             if fault is not None:
                 self._drill(fault, request)
             crash_gpu = fault is not None and fault.triggered(fault.crash_gpu_thread_on, request)
+            timing = DeliveryTiming()
             async for chunk in self.engine.generate(request):
                 if fault and fault.added_latency_per_token_s:
                     await asyncio.sleep(fault.added_latency_per_token_s * max(1, len(chunk.token_ids)))
+                timing.restate(chunk)
                 yield chunk
                 if crash_gpu:  # once this request has its first tokens: it is not retried elsewhere
                     crash_gpu = False
@@ -157,6 +180,7 @@ class ModelReplica:
             model=self.config.name, healthy=h.healthy, detail=h.detail,
             host=host if isinstance(host, str) else (host[0] if host else None),
             node_id=ctx.get_node_id(), pid=os.getpid(), active=h.active, waiting=h.waiting, cancelled_total=h.cancelled_total,
+            submitted_total=h.submitted_total,
             models=self.engine.list_models(), rss_bytes=psutil.Process().memory_info().rss,
         )
 

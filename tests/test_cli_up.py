@@ -154,8 +154,10 @@ def test_up_serves_the_demo_with_keys_and_down_stops_only_its_own_head(ray_clust
         details = dashboard_get("/api/serve/applications/", token).json()
         assert _replicas(details, "model-demo") == models_before
 
-        status = cli("status", timeout=180)
+        status = cli("status", timeout=180, MLX_SERVING_API_KEYS=rotated)
         assert status.returncode == 0 and "model demo: ready" in status.stdout, status.stdout + status.stderr
+        qos = status.stdout.split("qos (one ingress replica's view")[1]  # GET /qos, with the key
+        assert re.search(r"model demo: \d+/64 in flight, 0 waiting, 0 expired in the queue", qos), qos
         assert "Ray token auth: on" in status.stdout and "a key is required (1 API key(s)" in status.stdout
         local_text = status.stdout.split("loopback only:")[1]  # status lists them one by one
         for what, where in [("Ray GCS (gcs_server)", gcs), ("Ray dashboard (dashboard.py)", dash),

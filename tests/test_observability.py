@@ -335,6 +335,7 @@ def test_dashboard_and_scrape_config_use_exported_names() -> None:
     import yaml
 
     from deployments.metrics import HTTP_METRICS, ROUTER_METRICS
+    from deployments.qos.metrics import QOS_METRICS
     from engine.metrics import ENGINE_METRICS
 
     prom = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
@@ -343,7 +344,7 @@ def test_dashboard_and_scrape_config_use_exported_names() -> None:
 
     dash = json.loads((ROOT / "config" / "grafana-dashboard.json").read_text())
     exported = set()
-    for s in (*ENGINE_METRICS.values(), *HTTP_METRICS.values(), *ROUTER_METRICS.values()):
+    for s in (*ENGINE_METRICS.values(), *HTTP_METRICS.values(), *ROUTER_METRICS.values(), *QOS_METRICS.values()):
         if s.kind == "counter":
             exported.add(s.full_name + "_total")
         elif s.kind == "histogram":
@@ -356,10 +357,19 @@ def test_dashboard_and_scrape_config_use_exported_names() -> None:
     assert not [e for e in exprs if re.search(r"(?<!\$\{prefix\})\bmlx_serving_", e)]  # always through ${prefix}
     titles = " ".join(p["title"] for p in dash["panels"]).lower()
     for what in ("time to first token", "tokens/s", "running and waiting", "errors", "batch size", "memory",
-                 "variant split"):
+                 "variant split", "slo burn rate", "slo met", "qos actions", "admission gate", "per api key"):
         assert what in titles, what
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+    # The alert rules: well formed, on exported names (Ray's prefix), SLO burn on both windows.
+    rules = [r for g in yaml.safe_load((ROOT / "config" / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    for r in rules:
+        assert {"alert", "expr", "labels", "annotations"} <= set(r) and r["labels"]["severity"], r
+        names = set(re.findall(r"\bray_(mlx_serving_\w+)", r["expr"]))
+        assert names and names <= exported, (r["alert"], names - exported)
+    fast = next(r for r in rules if r["alert"] == "MlxServingSloFastBurn")
+    assert 'window="1h"' in fast["expr"] and 'window="5m"' in fast["expr"] and "\nand\n" in fast["expr"]
 
 
 # -- Locust ---------------------------------------------------------------------------------------

@@ -90,20 +90,24 @@ class Authenticator:
 
     def __init__(self, auth: AuthConfig, environ: dict[str, str] | None = None) -> None:
         self.admin_keys = KeySet(auth.admin_keys + env_key_hashes(ADMIN_KEYS_ENV, environ))
-        api = KeySet(auth.api_keys + env_key_hashes(API_KEYS_ENV, environ))
+        api = KeySet(auth.api_keys + [k.key for k in auth.keys] + env_key_hashes(API_KEYS_ENV, environ))
         self.api_keys = api + self.admin_keys if api else api
         self.allow_unauthenticated_network = auth.allow_unauthenticated_network
 
     def tenant(self, request: Request) -> str:
         """Who sends ``request`` (401 unless its key is valid, when keys are configured)."""
+        return self.identify(request)[0]
+
+    def identify(self, request: Request) -> tuple[str, str | None]:
+        """The tenant of ``request`` and the hash of its key (None when no key is configured)."""
         from .errors import AuthenticationError
 
         if not self.api_keys:
-            return ANONYMOUS
+            return ANONYMOUS, None
         found = self.api_keys.match(bearer(request))
         if found is None:
             raise AuthenticationError("invalid API key")
-        return tenant_of(found)
+        return tenant_of(found), found
 
     def admin(self, request: Request) -> None:
         """401 without a valid key; 403 for a valid non-admin key, and when no admin key is configured."""

@@ -8,8 +8,10 @@ replica fails mid-stream, and the outcome each routed request reports to the rou
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -28,6 +30,7 @@ from ..http.errors import SSE_DONE, error_response, internal_error, sse_event
 from ..logging import annotate
 from ..messages import ReplicaError
 from ..protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, new_id
+from ..qos.service import CLIENT_CLOSED, Qos, Ticket
 from ..route_client import Pick, RouteClient
 from ..routing.stats import Outcome
 from ..statuses import status_of
@@ -78,30 +81,44 @@ def outcome(t0: float, err: ReplicaError | EngineError | None = None, first_at: 
 
 
 class GenerationFlow:
-    def __init__(self, targets: Targets, routes: RouteClient) -> None:
+    def __init__(self, targets: Targets, routes: RouteClient, qos: Qos) -> None:
         self.targets = targets
         self.routes = routes
+        self.qos = qos
 
     async def run(self, body: GenerationBody, request: Request, auth: Authenticator, limits: LimitsConfig,
                   prefix: str, shape: Callable[[str], SseShape],
                   whole: Callable[[str, list[GenerationChunk]], BaseModel]) -> Any:
-        tenant = auth.tenant(request)
+        tenant, key_hash = auth.identify(request)
         t0 = time.perf_counter()
         target = await self.targets.resolve(body.model, request, auth, body.user)
         headers = {VARIANT_HEADER: target.variant}
         pick = target.pick
+        ticket: Ticket | None = None
         try:
             payload = engine_payload(body, limits, prefix, cache_scope(tenant, body.cache_salt), pick)
+            ticket = await self.qos.admit(target.model, key_hash, tenant, body.priority,
+                                          self.qos.timeout_s(target.model, body.timeout))
+            headers.update(ticket.headers)
+            stamp(payload, ticket)
             if body.stream:
                 gen, first = await relay.open_stream(target.handle, payload)
                 track = _Track(pick, t0, time.perf_counter()) if pick is not None else None
-                return StreamingResponse(self._sse(body, gen, first, track, shape(request_id_of(payload))),
-                                         media_type="text/event-stream", headers=headers)
+                events = self._sse(body, gen, first, track, shape(request_id_of(payload)), ticket)
+                weakref.finalize(events, _abandoned, asyncio.get_running_loop(), ticket, gen)
+                ticket = None  # the stream owns it now
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
             results = await relay.complete(target.handle, payload)
+            ticket.finish(200, *_timing(results))
         except EngineError as e:
             if pick is not None:
                 self.routes.record(pick, outcome(t0, e))
-            return error_response(e, headers)
+            if ticket is not None:
+                ticket.finish(status_of(e))
+            return error_response(e, headers | getattr(e, "headers", {}))
+        finally:
+            if ticket is not None and not ticket.done:  # the client left while it waited
+                ticket.finish(CLIENT_CLOSED)
         if pick is not None:  # a whole answer: its end-to-end latency and mean time per output token
             n = sum(r.usage.completion_tokens if r.usage is not None else len(r.token_ids) for r in results)
             e2e = time.perf_counter() - t0
@@ -110,29 +127,35 @@ class GenerationFlow:
                             headers=headers)
 
     async def _sse(self, body: GenerationBody, gen: DeploymentResponseGenerator, first: GenerationChunk,
-                   track: _Track | None, shape: SseShape) -> AsyncIterator[str]:
+                   track: _Track | None, shape: SseShape, ticket: Ticket) -> AsyncIterator[str]:
         """One SSE stream as OpenAI sends it: events with content, an error event if the replica
         failed, the usage event when asked for, then ``[DONE]``."""
-        for index in range(body.choices):
-            opening = shape.opening(index)
-            if opening is not None:
-                yield opening
+        status = CLIENT_CLOSED  # unless the stream gets to its end
         finals: list[GenerationChunk] = []  # each choice's last chunk: its usage
         try:
+            for index in range(body.choices):
+                opening = shape.opening(index)
+                if opening is not None:
+                    yield opening
             async for item in relay.relay(gen, first, body.choices, self._tracker(track, body.choices)):
                 if isinstance(item, ReplicaError):
+                    status = item.http_status
                     yield sse_event(item.to_openai())
                     break
                 if item.finish_reason is not None:
                     finals.append(item)
+                    if len(finals) == body.choices:
+                        status = 200
                 if item.text or item.reasoning or item.tool_calls or item.finish_reason or item.logprobs:
                     yield shape.event(item)
             if body.include_usage and len(finals) == body.choices:
                 yield shape.usage(UsageInfo.total(finals))
         except Exception as e:  # noqa: BLE001 - a bug while framing: the client still gets an error event
+            status = 500
             yield sse_event(ReplicaError.of(internal_error(e)).to_openai())
+        finally:
+            ticket.finish(status, *_timing(finals))
         yield SSE_DONE
-
     def _tracker(self, track: _Track | None, choices: int) -> Callable[[GenerationChunk | ReplicaError], None] | None:
         """For a routed stream: the outcome goes to the router when every choice has ended (not when the
         client went away: a cancelled request says nothing about the variant)."""
@@ -153,6 +176,39 @@ class GenerationFlow:
                     self.routes.record(track.pick, outcome(track.t0, first_at=track.first_at, tokens=tokens))
 
         return on_item
+
+
+def _timing(finals: list[GenerationChunk]) -> tuple[int, int, float | None, float | None]:
+    """Prompt and completion tokens, and the replica's TTFT and time per output token, of an answer."""
+    usages = [c.usage for c in finals if c.usage is not None]
+    if not usages:
+        return 0, 0, None, None
+    ttfts = [u.ttft_s for u in usages if u.ttft_s is not None]
+    tpots = [u.tpot_s for u in usages if u.tpot_s is not None]
+    return (usages[0].prompt_tokens, sum(u.completion_tokens for u in usages), min(ttfts) if ttfts else None,
+            sum(tpots) / len(tpots) if tpots else None)
+
+
+def _abandoned(loop: asyncio.AbstractEventLoop, ticket: Ticket, gen: DeploymentResponseGenerator) -> None:
+    """A stream's body was dropped without running to its end (its client left before the first
+    byte): free its slot and stop its generation."""
+    def drop() -> None:
+        if not ticket.done:
+            gen.cancel()
+            ticket.finish(CLIENT_CLOSED)
+
+    if not ticket.done:
+        try:
+            loop.call_soon_threadsafe(drop)
+        except RuntimeError:  # the loop is gone (the ingress is shutting down): nothing left to free
+            pass
+
+
+def stamp(payload: dict[str, Any] | list[dict[str, Any]], ticket: Ticket) -> None:
+    """The priority the ingress settled on and the time left before the deadline, for the engine."""
+    for p in payload if isinstance(payload, list) else [payload]:
+        p["priority"] = ticket.priority
+        p["timeout_s"] = ticket.remaining_s()
 
 
 def engine_payload(body: GenerationBody, limits: LimitsConfig, prefix: str, scope: str,

@@ -26,6 +26,7 @@ class Target:
     handle: DeploymentHandle
     variant: str  # for ``x-mlx-variant``: the variant, or the model for a plain model
     pick: Pick | None  # the route decision; None for a plain model
+    model: str  # the model (deployment) that serves it
 
 
 class Targets:
@@ -49,13 +50,13 @@ class Targets:
             if force is not None and force != model:
                 raise InvalidRequestError(f"{FORCE_HEADER} applies to routes; {model!r} is a model, not a route",
                                           param=FORCE_HEADER)
-            return Target(self.handle(model), model, None)
+            return Target(self.handle(model), model, None, model)
         pick = await self.routes.pick(model, request.headers.get(SESSION_HEADER) or user, force)
         handle = self.models.get(pick.deployment)
         if handle is None:  # validated at deploy time; a stale table during a redeploy could still say so
             raise routing_error({"error": "NoVariantAvailableError",
                                  "message": f"route {model!r}: variant {pick.variant!r} sends to unknown model {pick.deployment!r}"})
-        return Target(handle, pick.variant, pick)
+        return Target(handle, pick.variant, pick, pick.deployment)
 
     def handle(self, model: str) -> DeploymentHandle:
         handle = self.models.get(model)
