@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from engine.errors import EngineError
 
-from .statuses import status_of, type_of
+from .statuses import kind_of, status_of, type_of
 from engine.request import ModelInfo
 
 
@@ -53,4 +53,5 @@ class RemoteError(EngineError):
 
     def __init__(self, error: ReplicaError) -> None:
         super().__init__(error.message, param=error.param, code=error.code, retry_after=error.retry_after)
+        self.kind = kind_of(error.http_status)  # what SLOs, canary stats and logs count it as
         self.error = error

@@ -18,6 +18,14 @@ STATUS: dict[ErrorKind, tuple[int, str]] = {
 }
 
 
+def kind_of(status: int) -> ErrorKind:
+    """The kind an HTTP status stands for (a replica's error raised again in the ingress keeps its status)."""
+    for kind, (code, _) in STATUS.items():
+        if code == status:
+            return kind
+    return "invalid" if 400 <= status < 500 else "internal"
+
+
 def status_of(e: EngineError) -> int:
     return STATUS[e.kind][0]
 

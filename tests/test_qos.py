@@ -19,7 +19,7 @@ from deployments.qos.metrics import QOS_METRICS, QosMetrics
 from deployments.qos.quotas import KeyLimiter, RateLimitError
 from deployments.qos.slo import MIN_EVENTS, Shedder, SloTracker
 from deployments.qos.service import Qos
-from engine.errors import DeadlineExceededError, OverCapacityError
+from engine.errors import DeadlineExceededError, InvalidRequestError, OverCapacityError
 from engine.metrics import PrometheusBackend
 
 
@@ -281,6 +281,36 @@ def test_ingress_qos_priority_ceiling_deadline_and_gate_size() -> None:
     qos.refresh([ModelStatus(name="m", ready=True, replicas_healthy=3)])
     assert qos.models["m"].gate.capacity == 6
     assert qos.report()["models"]["m"]["capacity"] == 6
+
+
+def test_a_clients_own_short_deadline_burns_no_budget() -> None:
+    """504s past a timeout the client shortened are its choice; past the model's default they count."""
+    from prometheus_client import CollectorRegistry
+
+    cfg = app_config({"default_timeout_s": 30, "slo": {"availability": 0.99}})
+    qos = Qos(cfg, [], QosMetrics(PrometheusBackend(CollectorRegistry())))
+    tracker = qos.models["m"].tracker
+    assert tracker is not None
+
+    async def go() -> None:
+        (await qos.admit("m", None, "t", "batch", 0.5)).finish(504)  # the client asked for half a second
+        assert tracker.counts(300)["availability"] == (0, 0)
+        (await qos.admit("m", None, "t", "batch", 60)).finish(504)  # more than the default: the server's miss
+        (await qos.admit("m", None, "t", "batch")).finish(504)  # the model's default deadline
+        assert tracker.counts(300)["availability"] == (2, 2)
+
+    run(go())
+
+
+def test_a_replicas_error_keeps_its_status_in_the_ingress() -> None:
+    """What SLOs and canary statistics count: a replica's 400 or 504 is not a 500 of the ingress."""
+    from deployments.messages import RemoteError, ReplicaError
+    from deployments.statuses import status_of
+
+    for err in (DeadlineExceededError("late"), OverCapacityError("full"), InvalidRequestError("bad")):
+        assert status_of(RemoteError(ReplicaError.of(err))) == status_of(err)
+    odd = ReplicaError(code="x", message="x", type="invalid_request_error", http_status=422)
+    assert status_of(RemoteError(odd)) == 400  # an unknown 4xx stays a client error
 
 
 def test_autoscaling_target_must_leave_room_to_scale() -> None:

@@ -129,6 +129,7 @@ def test_a_deadline_that_passes_in_the_queue_is_504_and_never_reaches_the_engine
     eos = _bias(base)
     before = replica_info(APP, "model-q-one").submitted_total
     holder = Holder(base, eos)
+    availability = qos_report(base)["models"]["q-one"]["slos"]["availability"]
     try:
         t0 = time.monotonic()
         r = httpx.post(base + "/v1/completions", headers=auth(), timeout=60,
@@ -140,7 +141,15 @@ def test_a_deadline_that_passes_in_the_queue_is_504_and_never_reaches_the_engine
     assert "waited for a replica" in r.json()["error"]["message"]
     assert waited < 30  # it did not wait for the holder to end
     assert replica_info(APP, "model-q-one").submitted_total - before == 1  # the holder alone reached the engine
-    assert qos_report(base)["models"]["q-one"]["expired"] >= 1
+    report = qos_report(base)["models"]["q-one"]
+    assert report["expired"] >= 1
+    # A deadline that passes on the replica, during generation, comes back as the replica's 504.
+    late = httpx.post(base + "/v1/completions", headers=auth(), timeout=60,
+                      json=body("q-one", 4000, eos, timeout=0.5))
+    assert late.status_code == 504 and "during generation" in late.json()["error"]["message"], late.text
+    # The client chose deadlines shorter than the model's default: their 504s burn no SLO budget.
+    after = qos_report(base)["models"]["q-one"]["slos"]["availability"]
+    assert (after["bad_1h"], after["total_1h"]) == (availability["bad_1h"], availability["total_1h"])
 
 
 def test_a_keys_request_rate_limit_answers_429_with_openai_headers(base: str) -> None:

@@ -59,8 +59,14 @@ class Ticket:
     deadline: float  # time.monotonic()
     limiter: KeyLimiter | None
     headers: dict[str, str]  # x-ratelimit-* for the response
+    short_deadline: bool = False  # the client asked for less time than the model's default
     queued_s: float = 0.0
     done: bool = field(default=False, init=False)
+
+    def counts_for_slos(self, status: int) -> bool:
+        """A 504 past a deadline the client shortened is the client's choice: it burns no one's budget
+        (else a tenant's tiny timeouts could switch on shedding for everyone)."""
+        return self.model.tracker is not None and not (status == 504 and self.short_deadline)
 
     def remaining_s(self) -> float:
         """Seconds left for the replica: the engine drops the request when they run out."""
@@ -76,7 +82,7 @@ class Ticket:
         self.model.gate.leave(self.priority)
         if self.limiter is not None:
             self.limiter.done(prompt_tokens + completion_tokens)
-        if self.model.tracker is not None:
+        if self.counts_for_slos(status):
             self.model.tracker.observe(status=status, interactive=self.priority == "interactive",
                                        ttft_s=None if ttft_s is None else ttft_s + self.queued_s, tpot_s=tpot_s)
         m = self.qos.metrics
@@ -104,15 +110,20 @@ class Qos:
         quotas.carry_over(self.quotas)
         self.quotas = quotas
 
+    def _default_timeout_s(self, model: str) -> float:
+        limit = self.config.limits.request_timeout_s
+        return min(self.models[model].config.default_timeout_s or limit, limit)
+
     def timeout_s(self, model: str, requested: float | None) -> float:
         """A request's time from arrival: its own, else the model's default, never past the hard limit."""
-        limit = self.config.limits.request_timeout_s
-        return min(requested or self.models[model].config.default_timeout_s or limit, limit)
+        return min(requested, self.config.limits.request_timeout_s) if requested else self._default_timeout_s(model)
 
     async def admit(self, model: str, key_hash: str | None, tenant: str, priority: Priority,
-                    timeout_s: float) -> Ticket:
+                    requested_timeout_s: float | None = None) -> Ticket:
+        """A ticket for a request (``requested_timeout_s``: the body's ``timeout``), or the error to answer."""
         arrival = time.monotonic()
         m = self.models[model]
+        timeout_s = self.timeout_s(model, requested_timeout_s)
         limiter = self.quotas.for_key(key_hash)
         name = limiter.policy.name if limiter is not None else tenant
         if limiter is not None and limiter.policy.max_priority == "batch":
@@ -130,14 +141,15 @@ class Qos:
             except EngineError:
                 self.metrics.inc("key_requests", (name, "429"))
                 raise
-        ticket = Ticket(self, m, name, priority, arrival + timeout_s, limiter, headers)
+        ticket = Ticket(self, m, name, priority, arrival + timeout_s, limiter, headers,
+                        short_deadline=timeout_s < self._default_timeout_s(model))
         try:
             await m.gate.enter(priority, ticket.deadline)
         except BaseException as e:  # 504 or 429 from the gate, or the client left while it waited
             status = status_of(e) if isinstance(e, EngineError) else CLIENT_CLOSED
             if limiter is not None:
                 limiter.done(0)
-            if m.tracker is not None:
+            if ticket.counts_for_slos(status):
                 m.tracker.observe(status=status, interactive=priority == "interactive")
             if status == 504:
                 self.metrics.inc("admission_expired", (model,))

@@ -97,8 +97,7 @@ class GenerationFlow:
         ticket: Ticket | None = None
         try:
             payload = engine_payload(body, limits, prefix, cache_scope(tenant, body.cache_salt), pick)
-            ticket = await self.qos.admit(target.model, key_hash, tenant, body.priority,
-                                          self.qos.timeout_s(target.model, body.timeout))
+            ticket = await self.qos.admit(target.model, key_hash, tenant, body.priority, body.timeout)
             headers.update(ticket.headers)
             stamp(payload, ticket)
             if body.stream:
