@@ -176,8 +176,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"deployed, but {e}\nsee `mlx-serving status` and the Ray dashboard at {dashboard}", file=sys.stderr)
         return 1
     models = ", ".join(m["name"] for m in body.get("models", []))
+    keyed = any(exposure.app_auth(a).api_keys for a in deployed["applications"])
+    key = " -H 'Authorization: Bearer YOUR_KEY'" if keyed else ""
     print(f"ready: {models}\n  OpenAI API: {base}/v1\n  Ray dashboard: {dashboard}\n"
-          f"try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+          f"try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key} "
           f"-d '{{\"model\": \"{body['models'][0]['name']}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
     _print_security(deployed, dashboard, http, detail=False)
     return 0

@@ -165,13 +165,10 @@ class AppAuth:
 
 def app_auth(app: dict[str, Any]) -> AppAuth:
     """From a deployed application (``for_deploy`` output, or Serve's ``deployed_app_config``)."""
-    from deployments.config import INGRESS_DEPLOYMENT
+    from .serve_config import api_key_count, ingress_auth
 
-    auth: dict[str, Any] = {}
-    for d in app.get("deployments") or []:
-        if isinstance(d, dict) and d.get("name") == INGRESS_DEPLOYMENT:
-            auth = (d.get("user_config") or {}).get("auth") or {}
-    return AppAuth(app=str(app.get("name", "default")), api_keys=len(auth.get("api_keys") or []),
+    auth = ingress_auth(app)
+    return AppAuth(app=str(app.get("name", "default")), api_keys=api_key_count(auth),
                    admin_keys=len(auth.get("admin_keys") or []),
                    allow_unauthenticated_network=bool(auth.get("allow_unauthenticated_network")))
 

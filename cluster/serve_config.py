@@ -179,17 +179,23 @@ def api_keys_configured(config: dict[str, Any], environ: dict[str, str] | None =
     """Whether every application's API requires a key (from its config or this environment)."""
     deployed = for_deploy(config, environ)
     apps = [a for a in deployed.get("applications") or [] if isinstance(a, dict) and a.get("import_path") == BUILD_APP]
-    return bool(apps) and all(_ingress_auth(a).get("api_keys") for a in apps)
+    return bool(apps) and all(api_key_count(ingress_auth(a)) for a in apps)
 
 
 def allows_unauthenticated_network(config: dict[str, Any]) -> bool:
     """Whether the config opts in to an unauthenticated API on a non-loopback address."""
     apps = [a for a in for_deploy(config, {}).get("applications") or [] if isinstance(a, dict)
             and a.get("import_path") == BUILD_APP]
-    return any(_ingress_auth(a).get("allow_unauthenticated_network") for a in apps)
+    return any(ingress_auth(a).get("allow_unauthenticated_network") for a in apps)
 
 
-def _ingress_auth(app: dict[str, Any]) -> dict[str, Any]:
+def api_key_count(auth: dict[str, Any]) -> int:
+    """Keys that open the API: plain hashes and keys with a policy (docs/qos.md) alike."""
+    return len(auth.get("api_keys") or []) + len(auth.get("keys") or [])
+
+
+def ingress_auth(app: dict[str, Any]) -> dict[str, Any]:
+    """The ``auth`` section of a deployed application's ingress ``user_config``."""
     from deployments.config import INGRESS_DEPLOYMENT
 
     for d in app.get("deployments") or []:

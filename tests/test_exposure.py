@@ -158,6 +158,11 @@ def test_non_loopback_bind_needs_a_key_or_an_explicit_opt_in() -> None:
     assert exposure.http_bind_problem(hashed, allowed_by_flag=False, environ={}) is None
     opted = config("0.0.0.0", auth={"allow_unauthenticated_network": True})
     assert exposure.http_bind_problem(opted, allowed_by_flag=False, environ={}) is None
+    # keys with a policy (name, limits) open the API as well: they count as keys
+    policy = config("0.0.0.0", auth={"keys": [{"key": hash_key("k"), "name": "team-a"}]})
+    assert exposure.http_bind_problem(policy, allowed_by_flag=False, environ={}) is None
+    deployed = serve_config.for_deploy(policy, {})
+    assert exposure.app_auth(deployed["applications"][0]) == AppAuth("mlx-serving", 1, 0, False)
 
 
 def test_the_flag_sets_the_config_field_the_ingress_receives() -> None:
