@@ -40,7 +40,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests.common import (  # noqa: E402
-    ensure_model, machine_info, make_prompts, percentile, print_table, reexec_with_openblas, write_json,
+    corpus_sentences, ensure_model, machine_info, make_prompts, percentile, print_table, reexec_with_openblas,
+    write_json,
 )
 
 TARGETS = {"interactive_ttft_p50_loaded_vs_idle": ("<=", 1.5), "batch_tokens_loaded_vs_alone": (">=", 0.8)}
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an interactive client's pause between its answer and its next request (a user reading)")
     p.add_argument("--batch-max-tokens", type=int, default=64)
     p.add_argument("--interactive-max-tokens", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int,
+                   help="every prompt exactly this many tokens (default: mixed lengths, 1 to 10 sentences)")
     p.add_argument("--seconds", type=float, help="per phase (default 15; --quick 4)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-s", type=float, default=5.0, help="per warm-up phase (idle, alone, loaded)")
@@ -75,18 +78,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Prompts:
-    """Fresh prompts: every phase takes ones no earlier phase used."""
+    """Fresh prompts: every phase takes ones no earlier phase used. With ``tokens``, each is a token-id
+    list of exactly that length: MLX's CUDA backend compiles kernels per shape, so equal lengths let
+    the warm-up compile every prefill shape and the phases measure scheduling, not compilation."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_dir: Path | None = None, tokens: int | None = None) -> None:
         self.next = 0
+        self.tokens = tokens
+        self.tokenizer = None
+        if tokens:
+            from mlx_lm.utils import load_tokenizer
 
-    def take(self, n: int) -> list[str]:
+            self.tokenizer = load_tokenizer(model_dir)
+            self.filler = " " + " ".join(corpus_sentences()[:40])
+
+    def take(self, n: int) -> list[str] | list[list[int]]:
         out = make_prompts(n, self.next)
         self.next += n
-        return out
+        if self.tokenizer is None:
+            return out
+        ids = [list(self.tokenizer.encode(text + self.filler))[: self.tokens] for text in out]
+        assert all(len(x) == self.tokens for x in ids), "the filler is too short for --prompt-tokens"
+        return ids
 
 
-async def interactive_client(h: Any, prompts: list[str], args: argparse.Namespace, bias: dict[str, float],
+async def interactive_client(h: Any, prompts: list[Any], args: argparse.Namespace, bias: dict[str, float],
                              priority: str, recs: list[dict[str, Any]]) -> None:
     while prompts:
         body = {"model": "bench", "prompt": prompts.pop(), "max_tokens": args.interactive_max_tokens,
@@ -109,7 +125,7 @@ async def interactive_client(h: Any, prompts: list[str], args: argparse.Namespac
         await asyncio.sleep(args.interactive_think_s)
 
 
-async def batch_client(h: Any, prompts: list[str], args: argparse.Namespace, bias: dict[str, float],
+async def batch_client(h: Any, prompts: list[Any], args: argparse.Namespace, bias: dict[str, float],
                        recs: list[dict[str, Any]]) -> None:
     while prompts:
         body = {"model": "bench", "prompt": prompts.pop(), "max_tokens": args.batch_max_tokens, "temperature": 0.0,
@@ -221,8 +237,8 @@ def eos_bias(model_dir: Path) -> dict[str, float]:
     return bias(model_dir)
 
 
-async def run_all(base: str, args: argparse.Namespace, bias: dict[str, float]) -> dict[str, Any]:
-    prompts = Prompts()
+async def run_all(base: str, args: argparse.Namespace, bias: dict[str, float], model_dir: Path) -> dict[str, Any]:
+    prompts = Prompts(model_dir, args.prompt_tokens)
     for name in ("idle", "alone", "loaded"):  # one warm-up for every phase: both client kinds, every batch shape
         w = await phase(base, name, args, prompts, bias, args.warmup_s)
         print(f"warm-up {name}: {w['interactive_requests']} interactive, {w['batch_requests']} batch requests",
@@ -249,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_model(args.model, args.model_dir, args.preset)
     base = start_server(model_dir, args)
     try:
-        out = asyncio.run(run_all(base, args, eos_bias(model_dir)))
+        out = asyncio.run(run_all(base, args, eos_bias(model_dir), model_dir))
     finally:
         import ray
         from ray import serve
@@ -269,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, {
             "machine": machine_info(), "model": str(model_dir),
             "settings": {k: getattr(args, k) for k in ("slots", "batch_clients", "interactive_clients", "interactive_think_s",
-                                                       "batch_max_tokens", "interactive_max_tokens", "seconds",
+                                                       "batch_max_tokens", "interactive_max_tokens", "prompt_tokens", "seconds",
                                                        "repeats", "warmup_s", "phases", "num_gpus")},
             "ratios": {k: v["median"] for k, v in s.items()}, "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()},
             **out})
