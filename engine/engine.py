@@ -288,10 +288,10 @@ async def _chunks(stream: Any) -> AsyncIterator[GenerationChunk]:
 
 def merge_by_index(chunks: list[GenerationChunk]) -> list[GenerationChunk]:
     """One whole chunk per choice, in choice order."""
-    by_index: dict[int, GenerationChunk] = {}
+    by_index: dict[int, list[GenerationChunk]] = {}
     for c in chunks:
-        by_index[c.index] = c if c.index not in by_index else by_index[c.index].merge(c)
-    return [by_index[i] for i in sorted(by_index)]
+        by_index.setdefault(c.index, []).append(c)
+    return [GenerationChunk.concat(by_index[i]) for i in sorted(by_index)]
 
 
 def _vision_chat_only(tools: list[ToolDef] | None, template_kwargs: dict[str, Any] | None) -> None:

@@ -1,8 +1,9 @@
 """Stream registry: request id -> bounded buffer from the GPU thread to the caller's event loop.
 
 The GPU thread never blocks on a consumer (that would stall the whole batch). When a consumer lags,
-new tokens are coalesced into the chunk still waiting for it, so the buffer holds at most
-``max_items`` chunks and one request's buffered text is bounded by its own ``max_tokens``; a consumer
+new tokens join the run of chunks still waiting for it (an append: the GPU thread never copies text),
+so the buffer holds at most ``max_items`` entries and one request's buffered text is bounded by its
+own ``max_tokens``; the consumer joins a run in one pass when it reads. A consumer
 that reads nothing for ``stall_timeout_s`` while output waits is cut off and its slot freed. The
 consumer always receives everything available in one item, which is also how tokens get coalesced
 across Ray hops without delaying the first one.
@@ -51,6 +52,10 @@ def _wake(streams: list[RequestStream]) -> None:
         stream._ready.set()
 
 
+class _Run(list):
+    """Chunks coalesced for a lagging consumer, in order; the consumer concatenates them once."""
+
+
 class RequestStream:
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_items: int,
                  waker: Waker | None = None) -> None:
@@ -58,7 +63,7 @@ class RequestStream:
         self._loop = loop
         self._waker = waker
         self._max_items = max_items
-        self._items: deque[GenerationChunk | EngineError] = deque()
+        self._items: deque[GenerationChunk | _Run | EngineError] = deque()
         self._lock = threading.Lock()
         self._ready = asyncio.Event()
         self._notified = False
@@ -75,12 +80,14 @@ class RequestStream:
             if isinstance(item, EngineError) or item.finish_reason is not None:
                 self.finished = True
             last = self._items[-1] if self._items else None
-            if (
+            if isinstance(item, GenerationChunk) and isinstance(last, _Run):
+                last.append(item)
+            elif (
                 isinstance(item, GenerationChunk)
                 and isinstance(last, GenerationChunk)
                 and len(self._items) >= self._max_items
             ):
-                self._items[-1] = last.merge(item)
+                self._items[-1] = _Run((last, item))
             else:
                 self._items.append(item)
             if self._notified:
@@ -113,9 +120,10 @@ class RequestStream:
                 self._notified = False
             await self._ready.wait()
         self.last_read = time.monotonic()
-        chunk: GenerationChunk | None = None
+        chunks: list[GenerationChunk] = []
         for item in items:
             if isinstance(item, EngineError):
+                chunk = GenerationChunk.concat(chunks) if chunks else None
                 if chunk is not None and (chunk.text or chunk.token_ids):
                     with self._lock:  # deliver the text first, the error on the next call
                         self._items.appendleft(item)
@@ -123,9 +131,11 @@ class RequestStream:
                         self._ready.set()
                     return chunk
                 raise item
-            chunk = item if chunk is None else chunk.merge(item)
-        assert chunk is not None
-        return chunk
+            if isinstance(item, _Run):
+                chunks.extend(item)
+            else:
+                chunks.append(item)
+        return GenerationChunk.concat(chunks)
 
 
 class StreamRegistry:

@@ -214,6 +214,39 @@ def test_slow_consumer_is_coalesced_not_buffered_without_bound(engine: Engine) -
     assert text == alone
 
 
+def test_a_lagging_consumers_tokens_are_appended_never_copied_on_the_gpu_thread() -> None:
+    """Past the buffer's entries, each token joins a run (the very chunk objects, no text copied);
+    the reader gets everything in order as one chunk, logprobs and the final usage included."""
+    from engine.request import GenerationChunk, TokenLogprob, Usage
+    from engine.streams import RequestStream, _Run
+
+    async def go() -> tuple[RequestStream, list[GenerationChunk], GenerationChunk]:
+        stream = RequestStream("r", asyncio.get_running_loop(), max_items=2)
+        pushed = [GenerationChunk(request_id="r", text=f"t{i} ", token_ids=[i],
+                                  logprobs=[TokenLogprob(token_id=i, token=f"t{i}", logprob=-0.5)])
+                  for i in range(1000)]
+        pushed.append(GenerationChunk(request_id="r", finish_reason="length", usage=Usage(completion_tokens=1000)))
+        for c in pushed:
+            stream.push(c)
+        return stream, pushed, await stream.next()
+
+    stream, pushed, got = run(go())
+    assert stream.backlog() == 0
+    assert got.text == "".join(f"t{i} " for i in range(1000)) and got.token_ids == list(range(1000))
+    assert [lp.token_id for lp in got.logprobs or []] == list(range(1000))
+    assert got.finish_reason == "length" and got.usage is not None and got.usage.completion_tokens == 1000
+
+    async def lagging() -> list[object]:
+        stream = RequestStream("r", asyncio.get_running_loop(), max_items=2)
+        for c in pushed[:500]:
+            stream.push(c)
+        return list(stream._items)
+
+    items = run(lagging())
+    assert len(items) == 2 and items[0] is pushed[0]
+    assert isinstance(items[1], _Run) and all(a is b for a, b in zip(items[1], pushed[1:500], strict=True))
+
+
 def test_cancelling_a_consumer_frees_its_slot(tiny_model_dir: Path) -> None:
     e = Engine(EngineConfig(max_batch_size=2, warmup=False))
 
