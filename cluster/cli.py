@@ -132,8 +132,31 @@ def _print_security(deployed: dict[str, Any], dashboard: str, http: dict[str, An
           sep="\n")
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    loaded = _load_up_config(args)
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``up`` with a config built in memory for one model (``--emit-config`` writes it out)."""
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
+    config = serve_config.one_model(args.model, name=args.name, replicas=args.replicas, hosts=hosts)
+    for flag in ("port", "host"):  # in the config, so --emit-config writes what runs
+        if getattr(args, flag) is not None:
+            config["http_options"][flag] = getattr(args, flag)
+    found = serve_config.problems(config)
+    if found:
+        print("cannot serve that:", *(f"  - {p}" for p in found), sep="\n", file=sys.stderr)
+        return 1
+    label = f"`mlx-serving serve {args.model}`"
+    if args.emit_config:
+        import yaml
+
+        Path(args.emit_config).write_text(
+            f"# written by {label}: `mlx-serving up --config {args.emit_config}` deploys it again\n"
+            + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        print(f"wrote {args.emit_config}")
+        label = args.emit_config
+    return _cmd_up(args, (label, config))
+
+
+def _cmd_up(args: argparse.Namespace, prepared: tuple[Path | str, dict[str, Any]] | None = None) -> int:
+    loaded = prepared or _load_up_config(args)
     if loaded is None:
         return 1
     path, config = loaded
@@ -171,7 +194,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
     base = http_url + prefix
     try:
-        body = local.wait_ready(base, args.timeout, progress=None)
+        names = [m["name"] for a in serve_config.app_args(config)[:1] for m in a.get("models", [])]
+        body = local.wait_ready(base, args.timeout, progress=None, models=names)
     except TimeoutError as e:
         print(f"deployed, but {e}\nsee `mlx-serving status` and the Ray dashboard at {dashboard}", file=sys.stderr)
         return 1
@@ -329,6 +353,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 _DEFAULT_DASHBOARD = f"http://127.0.0.1:{local.DEFAULT_DASHBOARD_PORT}"
 
 
+def _cluster_flags(p: argparse.ArgumentParser) -> None:
+    """Where ``up`` and ``serve`` deploy, and how they listen."""
+    p.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
+    p.add_argument("--host", help="HTTP bind address (default: the config's, else 127.0.0.1)")
+    p.add_argument("--address", help="join this Ray cluster instead of using or starting a local one")
+    p.add_argument("--dashboard", default=_DEFAULT_DASHBOARD, help="Ray dashboard URL of that cluster")
+    p.add_argument("--ray-port", type=int, default=local.DEFAULT_GCS_PORT)
+    p.add_argument("--dashboard-port", type=int, default=local.DEFAULT_DASHBOARD_PORT)
+    p.add_argument("--num-cpus", type=int, help="CPUs the local Ray head offers (default: all)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /ready")
+    p.add_argument(exposure.ALLOW_FLAG, action="store_true",
+                   help="serve HTTP on a non-loopback address with no API key (sets "
+                        "args.auth.allow_unauthenticated_network: anyone who reaches the port may use the models)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-serving", description="Serve MLX models across a fleet of Macs on Ray Serve.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -336,18 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a local Ray head if needed, deploy a config, wait until ready")
     up.add_argument("--config", help=f"a Ray Serve config file (default: {serve_config.DEFAULT_CONFIG})")
     up.add_argument("--inventory", help="a fleet inventory: deploy its models pinned where `mlx-serving plan` puts them")
-    up.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
-    up.add_argument("--host", help="HTTP bind address (default: the config's, else 127.0.0.1)")
-    up.add_argument("--address", help="join this Ray cluster instead of using or starting a local one")
-    up.add_argument("--dashboard", default=_DEFAULT_DASHBOARD, help="Ray dashboard URL of that cluster")
-    up.add_argument("--ray-port", type=int, default=local.DEFAULT_GCS_PORT)
-    up.add_argument("--dashboard-port", type=int, default=local.DEFAULT_DASHBOARD_PORT)
-    up.add_argument("--num-cpus", type=int, help="CPUs the local Ray head offers (default: all)")
-    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /ready")
-    up.add_argument(exposure.ALLOW_FLAG, action="store_true",
-                    help="serve HTTP on a non-loopback address with no API key (sets "
-                         "args.auth.allow_unauthenticated_network: anyone who reaches the port may use the models)")
+    _cluster_flags(up)
     up.set_defaults(func=_cmd_up)
+
+    serve = sub.add_parser("serve", help="serve one model, like `mlx_lm.server --model X`: a Serve config built in "
+                                         "memory, deployed like `up` does")
+    serve.add_argument("model", help="a local model directory, a hub id, or demo:PRESET")
+    serve.add_argument("--name", help="the model's name in the API (default: the last part of MODEL; demo for demo:*)")
+    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--hosts", help="comma-separated host names to pin the replicas to (Ray node label `host`)")
+    serve.add_argument("--emit-config", metavar="FILE", help="also write the config to FILE, for `up --config FILE`")
+    _cluster_flags(serve)
+    serve.set_defaults(func=_cmd_serve, config=None, inventory=None)
 
     down = sub.add_parser("down", help="stop what `up` started, and nothing else")
     down.set_defaults(func=_cmd_down)

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from pydantic import BaseModel
 
@@ -135,14 +135,17 @@ def get_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
             return e.code, None
 
 
-def wait_ready(url: str, timeout_s: float, progress: Any = None) -> dict[str, Any]:
-    """Poll ``/ready`` until every model is ready; raises TimeoutError with the last answer."""
+def wait_ready(url: str, timeout_s: float, progress: Any = None, models: Collection[str] = ()) -> dict[str, Any]:
+    """Poll ``/ready`` until every model is ready, ``models`` among them (a redeploy's previous ingress
+    answers ready for the models it had until the new one takes over); raises TimeoutError with the
+    last answer."""
     deadline = time.monotonic() + timeout_s
     last: Any = "no answer"
     while time.monotonic() < deadline:
         try:
             status, body = get_json(url.rstrip("/") + "/ready")
-            if status == 200:
+            serving = {m.get("name") for m in body.get("models", [])} if isinstance(body, dict) else set()
+            if status == 200 and set(models) <= serving:
                 return body
             last = body
         except (OSError, ValueError) as e:

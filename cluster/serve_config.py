@@ -206,3 +206,22 @@ def ingress_auth(app: dict[str, Any]) -> dict[str, Any]:
 
 def app_args(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [a.get("args") or {} for a in config.get("applications", []) if a.get("import_path") == BUILD_APP]
+
+
+def model_name_of(source: str) -> str:
+    """The API name ``serve`` gives a source: a hub id's or a path's last part, ``demo`` for demo models."""
+    if source.startswith("demo:"):
+        return "demo"
+    return Path(source.rstrip("/")).name or source
+
+
+def one_model(source: str, *, name: str | None = None, replicas: int = 1,
+              hosts: list[str] | None = None) -> dict[str, Any]:
+    """The Serve config of ``mlx-serving serve``: the demo config's settings, serving one model."""
+    config = load(DEFAULT_CONFIG)
+    model: dict[str, Any] = {"name": name or model_name_of(source), "source": source, "num_replicas": replicas,
+                             "num_cpus": 0.5}
+    if hosts:
+        model["hosts"] = hosts
+    config["applications"][0]["args"]["models"] = [model]
+    return config

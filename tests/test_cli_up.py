@@ -25,7 +25,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from cluster import exposure, nodes
+from cluster import exposure, nodes, serve_config
 from deployments.http.auth import hash_key, new_key
 
 MLX_SERVING = Path(sys.executable).with_name("mlx-serving")
@@ -165,6 +165,22 @@ def test_up_serves_the_demo_with_keys_and_down_stops_only_its_own_head(ray_clust
             assert re.search(rf"{re.escape(what)} \(pid \d+\): .*127\.0\.0\.1:{where}\b", local_text), what
         assert "ray::ServeReplica:mlx-serving:ingress" in status.stdout.split("listening beyond loopback")[1]
         assert key not in status.stdout and rotated not in status.stdout
+
+        # The one-liner: one model, a config built in memory (and written out), deployed into this cluster.
+        emitted = tmp_path / "served.yaml"
+        served = cli("serve", "demo:tiny", "--name", "tiny-2", "--port", str(port), "--emit-config", str(emitted),
+                     "--timeout", "300", MLX_SERVING_API_KEYS=rotated)
+        assert served.returncode == 0 and "ready: tiny-2" in served.stdout, served.stdout + served.stderr
+        assert "using the Ray cluster started by `mlx-serving up`" in served.stdout
+        written = serve_config.load(emitted)
+        assert serve_config.problems(written) == [] and written["http_options"]["port"] == port
+        assert written["applications"][0]["args"]["models"] == [
+            {"name": "tiny-2", "source": "demo:tiny", "num_replicas": 1, "num_cpus": 0.5}]
+        assert rotated not in emitted.read_text() and "sha256:" not in emitted.read_text()
+        client = OpenAI(base_url=base.group(1), api_key=rotated, max_retries=0, timeout=120)
+        answer = client.chat.completions.create(model="tiny-2", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=3)
+        assert answer.model == "tiny-2" and answer.usage is not None and answer.usage.completion_tokens == 3
 
         down = cli("down", timeout=180)
         assert down.returncode == 0, down.stdout + down.stderr

@@ -155,6 +155,19 @@ def test_emit_config_cli_writes_a_deployable_file(tmp_path: Path, isolated_cache
 
 # --- bring-up commands (no Ray) ---------------------------------------------------------------------
 
+def test_serve_builds_a_one_model_config_that_pins_where_asked() -> None:
+    from cluster import serve_config
+
+    assert serve_config.model_name_of("mlx-community/Qwen3-4B-4bit") == "Qwen3-4B-4bit"
+    assert serve_config.model_name_of("/models/llama/") == "llama"
+    assert serve_config.model_name_of("demo:bench") == "demo"
+    config = serve_config.one_model("mlx-community/Qwen3-4B-4bit", replicas=2, hosts=["studio-1", "studio-2"])
+    assert serve_config.problems(config) == []
+    (model,) = AppConfig.model_validate(config["applications"][0]["args"]).models
+    assert (model.name, model.num_replicas, model.hosts) == ("Qwen3-4B-4bit", 2, ["studio-1", "studio-2"])
+    assert model.ray_actor_options()["label_selector"] == {"host": "in(studio-1,studio-2)"}
+
+
 def test_cluster_up_prints_the_exact_commands_for_every_mac(isolated_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cluster", "up", "--inventory", str(EXAMPLE), "--dry-run"]) == 0
     out = capsys.readouterr().out
