@@ -27,13 +27,13 @@ from .placement import Plan, model_weight_bytes
 APP_NAME = "mlx-serving"
 
 
-def weight_bytes(source: str) -> int:
+def weight_bytes(source: str, revision: str | None = None) -> int:
     """Like ``placement.model_weight_bytes``, and ``demo:*`` sources are built (offline) and measured."""
     from engine import sources
 
     if sources.is_demo(source):
         return model_weight_bytes(sources.resolve(source))
-    return model_weight_bytes(source)
+    return model_weight_bytes(source, revision)
 
 
 def _floor_mib_gb(nbytes: int) -> float:

@@ -62,7 +62,7 @@ def safetensors_bytes(path: str | Path) -> int:
     return total
 
 
-def _hf_cache_snapshot(repo_id: str) -> Path | None:
+def _hf_cache_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     """The snapshot directory of an already-downloaded hub model, so hub ids need no footprint_gb."""
     if os.environ.get("HF_HUB_CACHE"):
         cache = Path(os.environ["HF_HUB_CACHE"])
@@ -71,28 +71,55 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
     else:
         cache = Path.home() / ".cache" / "huggingface" / "hub"
     repo = cache / ("models--" + repo_id.replace("/", "--"))
-    ref = repo / "refs" / "main"
+    if revision is not None and (repo / "snapshots" / revision).is_dir():  # a commit hash
+        return repo / "snapshots" / revision
+    ref = repo / "refs" / (revision or "main")
     if ref.is_file():
         snap = repo / "snapshots" / ref.read_text().strip()
         return snap if snap.is_dir() else None
+    if revision is not None:
+        return None
     snaps = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
     return snaps[0] if len(snaps) == 1 else None
 
 
-def model_weight_bytes(source: str | Path) -> int:
-    """Bytes of weights a model directory holds, from safetensors headers (weights never load).
+def _weight_files(names: list[str]) -> list[str]:
+    """``model*.safetensors`` when present, the files mlx-lm loads (a repository that also ships a
+    ``consolidated.safetensors`` is not counted twice); otherwise every ``*.safetensors``."""
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    return [n for n in safetensors if Path(n).name.startswith("model")] or safetensors
 
-    Counts ``model*.safetensors`` when present, the files mlx-lm loads, so a repository that also
-    ships a ``consolidated.safetensors`` is not counted twice; otherwise every ``*.safetensors``.
-    """
+
+def hub_weight_bytes(repo_id: str, revision: str | None = None) -> int:
+    """Weight bytes of a hub model from its safetensors headers, read over the network (a few KB per
+    file: no weights are downloaded). FootprintError offline or when the hub cannot say."""
+    from huggingface_hub import constants, get_safetensors_metadata
+
+    where = f"{repo_id!r}" + (f" at {revision!r}" if revision else "")
+    if constants.HF_HUB_OFFLINE:
+        raise FootprintError(f"cannot measure {where}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                             "set footprint_gb for this model")
+    try:
+        meta = get_safetensors_metadata(repo_id, revision=revision)
+    except Exception as e:  # noqa: BLE001 - unreachable hub, unknown repo, no safetensors
+        raise FootprintError(f"cannot measure {where} from the hub ({type(e).__name__}: {e}); "
+                             "set footprint_gb for this model") from e
+    files = _weight_files(list(meta.files_metadata))
+    return sum(t.data_offsets[1] - t.data_offsets[0] for f in files for t in meta.files_metadata[f].tensors.values())
+
+
+def model_weight_bytes(source: str | Path, revision: str | None = None) -> int:
+    """Bytes of weights a model holds, from safetensors headers (weights never load): a local
+    directory, a hub model in the local cache, else the hub's own headers (``hub_weight_bytes``)."""
     path = Path(source).expanduser()
     if not path.is_dir():
-        snap = _hf_cache_snapshot(str(source)) if _HUB_ID_RE.match(str(source)) else None
+        if not _HUB_ID_RE.match(str(source)):
+            raise FootprintError(f"cannot measure {str(source)!r} (missing directory); set footprint_gb for this model")
+        snap = _hf_cache_snapshot(str(source), revision)
         if snap is None:
-            kind = "hub id that is not in the local Hugging Face cache" if _HUB_ID_RE.match(str(source)) else "missing directory"
-            raise FootprintError(f"cannot measure {str(source)!r} ({kind}); set footprint_gb for this model")
+            return hub_weight_bytes(str(source), revision)
         path = snap
-    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
+    files = [path / n for n in _weight_files(sorted(p.name for p in path.glob("*.safetensors")))]
     if not files:
         raise FootprintError(f"no *.safetensors files in {path}; set footprint_gb for this model")
     return sum(safetensors_bytes(f) for f in files)
@@ -167,12 +194,13 @@ class _Need:
         return self.replicas <= len(self.hosts)
 
 
-def _footprint(fleet: Fleet, spec: ModelPlacementSpec, weight_bytes: Callable[[str], int]) -> int:
+def _footprint(fleet: Fleet, spec: ModelPlacementSpec, weight_bytes: Callable[..., int]) -> int:
     if spec.footprint_gb is not None:
         weights = int(spec.footprint_gb * GB)
     else:
         try:
-            weights = weight_bytes(spec.source)
+            revision = spec.deployment.get("revision")
+            weights = weight_bytes(spec.source, revision) if revision else weight_bytes(spec.source)
         except (FootprintError, OSError) as err:
             raise PlacementError(f"model {spec.name!r}: {err}") from err
     return weights + int(fleet.kv_cache_gb(spec) * GB)
@@ -182,7 +210,7 @@ def _gb(n: int) -> str:
     return f"{n / GB:.1f} GB"
 
 
-def _needs(fleet: Fleet, weight_bytes: Callable[[str], int]) -> list[_Need]:
+def _needs(fleet: Fleet, weight_bytes: Callable[..., int]) -> list[_Need]:
     needs = []
     for spec in fleet.models:
         eligible = tuple(i for i, h in enumerate(fleet.hosts) if spec.selects(h))
@@ -258,7 +286,7 @@ class _Search:
         return False
 
 
-def plan(fleet: Fleet, *, weight_bytes: Callable[[str], int] = model_weight_bytes, max_steps: int = 100_000) -> Plan:
+def plan(fleet: Fleet, *, weight_bytes: Callable[..., int] = model_weight_bytes, max_steps: int = 100_000) -> Plan:
     """Assign every replica to a host without exceeding any host's usable memory.
 
     Hosts are tried in fleet-file order (list preferred hosts first), models in decreasing footprint.

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.config import EngineConfig
 from engine.request import MAX_JSON_DEPTH
+from engine.sources import ModelSource
 
 from .qos.config import KeyPolicy, QosConfig
 from .routing.config import RouteConfig
@@ -58,6 +59,11 @@ class ModelDeploymentConfig(BaseModel):
 
     name: str = Field(description="The id clients put in `model` (and the deployment's name suffix).")
     source: str = Field(description="Local directory, Hugging Face repo id, or demo:tiny / demo:bench / demo:vision.")
+    revision: str | None = Field(
+        None, min_length=1, description="With a hub id: a branch, tag or commit (default: the hub's main).")
+    adapter_path: str | None = Field(
+        None, min_length=1, description="A LoRA adapter to serve on the weights: a directory with adapters.safetensors "
+                                        "and adapter_config.json (mlx_lm.lora's output), or a hub id holding them.")
     draft_model: str | None = Field(
         None, description="A small model with the same tokenizer for speculative decoding (engine.num_draft_tokens per step).")
     num_replicas: int | None = Field(1, ge=0, le=512)
@@ -125,6 +131,15 @@ class ModelDeploymentConfig(BaseModel):
         if dupes:
             raise ValueError(f"repeated host(s): {', '.join(dupes)}")
         return v
+
+    @model_validator(mode="after")
+    def _revision_needs_a_hub_id(self) -> ModelDeploymentConfig:
+        if self.revision is not None and (self.source.startswith("demo:") or self.source.startswith(("/", ".", "~"))):
+            raise ValueError(f"revision applies to a hub id, not to source {self.source!r}")
+        return self
+
+    def model_source(self) -> ModelSource:
+        return ModelSource(self.source, self.revision, self.adapter_path)
 
     @model_validator(mode="after")
     def _fallback(self) -> ModelDeploymentConfig:

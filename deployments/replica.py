@@ -69,13 +69,13 @@ class ModelReplica:
         self.engine = Engine(self.config.engine, observer=self.observer)
         self.observer.attach(self.engine)
         t0 = time.monotonic()
-        source = sources.resolve(self.config.source)
+        source = self.config.model_source()  # a hub id becomes its local snapshot in the engine's load
         draft = sources.resolve(self.config.draft_model) if self.config.draft_model else None
         # Blocks this constructor until the weights are loaded and warmed up: Serve marks the replica
         # ready only then, so no request ever waits on a cold model.
         self.engine.load_model_blocking(self.config.name, source, draft)
         self.engine.on_death(self._engine_died)
-        events.replica_started(self.config.name, time.monotonic() - t0, source=source)
+        events.replica_started(self.config.name, time.monotonic() - t0, source=str(source))
 
     def _engine_died(self, exc: BaseException) -> None:
         events.engine_dead(self.config.name, f"GPU thread died: {type(exc).__name__}; the replica exits")

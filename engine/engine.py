@@ -27,6 +27,7 @@ from .observer import EngineObserver
 from .pool import BoundedPool
 from .request import ChatMessage, GenerationChunk, GenerationRequest, ModelInfo, ToolDef
 from .sampling import RowGuard, make_processors, make_sampler
+from .sources import ModelSource
 from .scheduler import GpuScheduler, Sequence
 from .streams import StreamRegistry, Waker
 from .vision import prepare_vision_inputs
@@ -75,16 +76,16 @@ class Engine:
         return await asyncio.wrap_future(self._prepare.submit(fn, *args))
 
     # -- models ---------------------------------------------------------------------------------
-    async def load_model(self, name: str, source: str, draft_source: str | None = None) -> ModelInfo:
+    async def load_model(self, name: str, source: str | ModelSource, draft_source: str | None = None) -> ModelInfo:
         """Load (and warm up) ``source`` as ``name``; concurrent calls for one name load it once."""
         m: LoadedModel = await asyncio.wrap_future(self._load_future(name, source, draft_source))
         return m.info()
 
-    def load_model_blocking(self, name: str, source: str, draft_source: str | None = None) -> ModelInfo:
+    def load_model_blocking(self, name: str, source: str | ModelSource, draft_source: str | None = None) -> ModelInfo:
         """``load_model`` for synchronous callers (a replica's constructor)."""
         return self._load_future(name, source, draft_source).result().info()
 
-    def _load_future(self, name: str, source: str, draft_source: str | None) -> Future:
+    def _load_future(self, name: str, source: str | ModelSource, draft_source: str | None) -> Future:
         with self._load_lock:
             fut = self._loading.get(name)
             if fut is not None:

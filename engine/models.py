@@ -97,11 +97,11 @@ def estimate_bytes(source: str) -> int | None:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def load_text_model(name: str, source: str, batch_kwargs: dict[str, Any]) -> LoadedModel:
+def load_text_model(name: str, source: str, batch_kwargs: dict[str, Any], adapter_path: str | None = None) -> LoadedModel:
     import mlx_lm
 
     try:
-        model, tokenizer, config = mlx_lm.load(source, return_config=True)
+        model, tokenizer, config = mlx_lm.load(source, return_config=True, adapter_path=adapter_path)
     except Exception as e:  # bad path, unknown architecture, hub unreachable, corrupt weights
         raise ModelLoadError(f"could not load model {name!r} from {source!r}: {e}") from e
     nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -47,6 +47,7 @@ from .sampling import LogitsProcessor, RowGuard, Sampler
 from .scoring import score_prompt
 from .speculative import SpeculativeRun
 from .streams import RequestStream, Waker
+from .sources import ModelSource
 from .vision import VisionInputs, load_vision_model, warmup_vision
 
 log = logging.getLogger("mlx_serving.engine")
@@ -575,10 +576,15 @@ class GpuScheduler:
         return {"max_batch_size": c.max_batch_size, "prefill_batch_size": c.prefill_batch_size,
                 "prefill_step_size": c.prefill_step_size}
 
-    def load(self, name: str, source: str, draft_source: str | None = None) -> LoadedModel:
+    def load(self, name: str, source: str | ModelSource, draft_source: str | None = None) -> LoadedModel:
         """Load ``source`` (mlx-lm, or mlx-vlm when it has a vision config), evicting idle models to fit."""
         if name in self.models:
             return self.models[name]
+        spec = source if isinstance(source, ModelSource) else ModelSource(source)
+        try:  # a hub id becomes its local snapshot first: what it is (text or vision) is read from there
+            source, adapter = spec.local_dir(), spec.local_adapter()
+        except Exception as e:  # noqa: BLE001 - hub unreachable, unknown repo or revision, not in the cache offline
+            raise ModelLoadError(f"could not fetch model {name!r} ({spec}): {type(e).__name__}: {e}") from e
         budget = self.config.memory_budget_bytes
         if budget is not None:
             need = estimate_bytes(source)
@@ -595,11 +601,12 @@ class GpuScheduler:
                     self.unload(victim)
         t0 = time.monotonic()
         if detect_kind(source) == "vision":
-            m = load_vision_model(name, source, self._batch_kwargs())
+            m = load_vision_model(name, source, self._batch_kwargs(), adapter)
             if self.config.warmup:
                 warmup_vision(m, self.config.images)
         else:
-            m = load_text_model(name, source, self._batch_kwargs())
+            m = load_text_model(name, source, self._batch_kwargs(), adapter)
+        m.source = str(spec)
         if draft_source is not None:
             m.draft = load_draft_model(m, draft_source)
         if self.config.warmup:

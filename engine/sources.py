@@ -1,18 +1,45 @@
-"""Model sources: a local directory, a Hugging Face repo id, or ``demo:<preset>``.
+"""Model sources: a local directory, a Hugging Face repo id (at a revision), or ``demo:<preset>``.
 
-``demo:tiny`` / ``demo:bench`` / ``demo:vision`` name the offline demo models; they are built on
-first use into the cache directory (``$MLX_SERVING_CACHE``, default ``~/.cache/mlx-serving``) on the
-host that needs them, so a fleet needs no shared filesystem to serve the demo.
+A hub id is resolved to its local snapshot (downloaded when missing, from the cache when
+``HF_HUB_OFFLINE`` is set) before anything inspects it, so a vision model given by hub id is
+recognised as one. ``demo:tiny`` / ``demo:bench`` / ``demo:vision`` name the offline demo models;
+they are built on first use into the cache directory (``$MLX_SERVING_CACHE``, default
+``~/.cache/mlx-serving``) on the host that needs them, so a fleet needs no shared filesystem to
+serve the demo.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_PREFIX = "demo:"
 DEMO_KINDS = ("tiny", "bench", "vision")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+ADAPTER_FILES = ["adapters.safetensors", "adapter_config.json"]  # what mlx-lm's load_adapters reads
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: weights (a path, a hub id at ``revision``, or a demo) and an optional LoRA adapter
+    (a directory with ``adapters.safetensors`` and ``adapter_config.json``, or a hub id holding them)."""
+
+    source: str
+    revision: str | None = None
+    adapter_path: str | None = None
+
+    def local_dir(self) -> str:
+        return resolve(self.source, self.revision)
+
+    def local_adapter(self) -> str | None:
+        return None if self.adapter_path is None else resolve(self.adapter_path, patterns=ADAPTER_FILES)
+
+    def __str__(self) -> str:
+        at = f"@{self.revision}" if self.revision else ""
+        return self.source + at + (f" + adapter {self.adapter_path}" if self.adapter_path else "")
 
 
 def cache_dir() -> Path:
@@ -30,9 +57,18 @@ def demo_dir(source: str) -> Path:
     return cache_dir() / "models" / f"demo-{kind}"
 
 
-def resolve(source: str) -> str:
-    """A path or hub id that mlx-lm / mlx-vlm can load; builds a demo model if it is missing, or
-    rebuilds one an older release built (``DEMO_VERSION``: e.g. before the tool and thinking markers)."""
+def is_hub_id(source: str) -> bool:
+    return bool(HUB_ID.match(source)) and not Path(source).expanduser().exists()
+
+
+def resolve(source: str, revision: str | None = None, patterns: list[str] | None = None) -> str:
+    """A local directory mlx-lm / mlx-vlm can load. A hub id becomes its snapshot (``patterns``:
+    the files to fetch, by default those mlx-lm loads); a demo model is built if it is missing, or
+    rebuilt when an older release built it (``DEMO_VERSION``: e.g. before the tool and thinking markers)."""
+    if revision is not None and not is_hub_id(source):
+        raise ValueError(f"revision {revision!r} applies to hub ids only, not to {source!r}")
+    if is_hub_id(source):
+        return download(source, revision, patterns)
     if not is_demo(source):
         path = Path(source).expanduser()
         return str(path) if path.exists() else source
@@ -66,3 +102,26 @@ def _current(out: Path) -> bool:
         return (out / "model.safetensors").exists() and int((out / VERSION_FILE).read_text()) >= DEMO_VERSION
     except (OSError, ValueError):
         return False
+
+
+# What mlx-vlm 0.x fetches for a vision checkpoint (its get_model_path); mlx-lm's DEFAULT_ALLOW_PATTERNS otherwise.
+VISION_PATTERNS = ["*.json", "*.jsonl", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def download(repo_id: str, revision: str | None = None, patterns: list[str] | None = None) -> str:
+    """The local snapshot of ``repo_id`` at ``revision``: from the Hugging Face cache when it is there
+    (or when ``HF_HUB_OFFLINE`` is set), else downloaded into it. Without ``patterns``, ``config.json``
+    comes first and says which files the model needs: mlx-vlm's for a vision model, mlx-lm's otherwise."""
+    import json
+
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    if patterns is None:
+        head = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["config.json"]))
+        try:
+            vision = "vision_config" in json.loads((head / "config.json").read_text())
+        except (OSError, ValueError):
+            vision = False
+        patterns = VISION_PATTERNS if vision else DEFAULT_ALLOW_PATTERNS
+    return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)

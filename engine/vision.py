@@ -438,7 +438,8 @@ def _detokenizer_class(model_path: Path) -> Any:
     return tu.NaiveStreamingDetokenizer
 
 
-def load_vision_model(name: str, source: str, batch_kwargs: dict[str, Any]) -> "LoadedModel":
+def load_vision_model(name: str, source: str, batch_kwargs: dict[str, Any],
+                      adapter_path: str | None = None) -> "LoadedModel":
     """``load_text_model`` for mlx-vlm checkpoints: the same ``LoadedModel``, with its processor."""
     import mlx_vlm
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -448,7 +449,7 @@ def load_vision_model(name: str, source: str, batch_kwargs: dict[str, Any]) -> "
 
     try:
         model_path = Path(get_model_path(source))
-        model, processor = mlx_vlm.load(str(model_path))
+        model, processor = mlx_vlm.load(str(model_path), adapter_path=adapter_path)
         config = load_config(model_path)
     except Exception as e:  # bad path, unknown architecture, hub unreachable, corrupt weights
         raise ModelLoadError(f"could not load vision model {name!r} from {source!r}: {e}") from e
