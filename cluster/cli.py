@@ -11,6 +11,7 @@ from typing import Any
 from engine.demo import PRESETS
 
 from . import exposure, fleet_cli, local, nodes, serve_config
+from .doctor import run as doctor_run
 
 
 def _cmd_make_demo(args: argparse.Namespace) -> int:
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address")
     status.add_argument("--inventory", help="also show this fleet's memory plan per host beside what runs there")
     status.set_defaults(func=_cmd_status)
+
+    doctor = sub.add_parser("doctor", help="check this machine and its cluster; each problem with its fix (exit 1 "
+                                           "when something must be fixed)")
+    doctor.add_argument("--inventory", help="also check the cluster's nodes and memory against this fleet inventory")
+    doctor.add_argument("--address", help="the Ray cluster to check against the inventory (default: the one started here)")
+    doctor.set_defaults(func=lambda a: doctor_run(a.inventory, a.address))
 
     validate = sub.add_parser("validate", help="check config files; prints every problem with its path")
     validate.add_argument("files", nargs="+")

@@ -166,6 +166,11 @@ def test_up_serves_the_demo_with_keys_and_down_stops_only_its_own_head(ray_clust
         assert "ray::ServeReplica:mlx-serving:ingress" in status.stdout.split("listening beyond loopback")[1]
         assert key not in status.stdout and rotated not in status.stdout
 
+        doctor = cli("doctor", timeout=120)
+        assert doctor.returncode == 0 and "nothing to fix" in doctor.stdout, doctor.stdout + doctor.stderr
+        assert "ok  ray auth: token auth on" in doctor.stdout and re.search(r"(ok  |    )blas: ", doctor.stdout)
+        assert "only Serve's replica gRPC" in doctor.stdout, doctor.stdout
+
         # The one-liner: one model, a config built in memory (and written out), deployed into this cluster.
         emitted = tmp_path / "served.yaml"
         served = cli("serve", "demo:tiny", "--name", "tiny-2", "--port", str(port), "--emit-config", str(emitted),
