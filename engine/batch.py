@@ -41,6 +41,18 @@ def prefill(model: Any, tokens: list[int], cache: list[Any] | None, stream: Any,
     return cache
 
 
+def first_logits(model: Any, tokens: list[int], cache: list[Any] | None, stream: Any,
+                 step: int) -> tuple[list[Any], mx.array]:
+    """``prefill`` of all of ``tokens`` (at least one), and the logits after the last: shape (1, vocab)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = prefill(model, tokens[:-1], cache, stream, step)
+    cache = cache if cache is not None else make_prompt_cache(model)
+    with mx.stream(stream):
+        logits = model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :]
+    return cache, logits
+
+
 class TextBatch:
     """Continuous batch for one text model. Must be created and used on the GPU thread."""
 

@@ -27,9 +27,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from .batch import StepResult, prefill
+from .batch import StepResult, first_logits, prefill
 from .chat import Channel
 from .config import EngineConfig
 from .errors import (
@@ -47,6 +48,7 @@ from .sampling import LogitsProcessor, RowGuard, Sampler
 from .scoring import score_prompt
 from .speculative import SpeculativeRun
 from .streams import RequestStream, Waker
+from .structured import GrammarProcessor
 from .sources import ModelSource
 from .vision import VisionInputs, load_vision_model, warmup_vision
 
@@ -122,6 +124,7 @@ class GpuScheduler:
         self.heartbeat = time.monotonic()
         self.cancelled_total = 0  # sequences dropped because their consumer went away
         self.submitted_total = 0  # requests handed to this thread (the ingress's QoS tests count on it)
+        self.first_tokens_alone = 0  # interactive first tokens answered from a prefill of their own (_first_token_alone)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
         self._death_listeners: list[Callable[[BaseException], None]] = []
@@ -356,11 +359,45 @@ class GpuScheduler:
             self._start_group(m, seq, cache, cached)
             return
         seq.cached_tokens = self._reused(seq, cached)
+        if self._first_token_alone(m, seq, cache, cached):
+            return
         prompt = seq.vision if seq.vision is not None else seq.prompt[cached:]
         seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors, cache=cache,
                                  cached_tokens=seq.prompt[:cached], first=seq.request.priority == "interactive")
         seq.vision = None  # the batch holds what it needs; drop the decoded images
         m.running[seq.uid] = seq
+
+    def _first_token_alone(self, m: LoadedModel, seq: Sequence, cache: list[Any] | None, cached: int) -> bool:
+        """An interactive prompt arriving while other sequences decode is prefilled on its own and its
+        first token answered at once; the sequence then joins the batch for the rest. Its time to first
+        token so waits for the step in flight only, not for steps of the whole batch that its prefill and
+        first decode would otherwise ride in. True when done this way (the sequence now runs in the
+        batch, or has already ended). Grammar-constrained rows keep the batch path: their matcher
+        advances with the batch's mask pass."""
+        p = seq.request.sampling
+        if (seq.request.priority != "interactive" or not m.running or m.kind != "text" or seq.vision is not None
+                or any(isinstance(getattr(x, "inner", x), GrammarProcessor) for x in seq.processors)):
+            return False
+        stream = m.batch.stream
+        cache, logits = first_logits(m.model, seq.prompt[cached:], cache, stream, self.config.prefill_step_size)
+        with mx.stream(stream):
+            context = mx.array(seq.prompt, dtype=mx.int32)
+            for processor in seq.processors:  # as mlx-lm's batch applies them: on the logits, with the history
+                logits = processor(context, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            token = seq.sampler(logprobs) if seq.sampler is not None else mx.argmax(logprobs, axis=-1)
+            mx.eval(token, logprobs)
+        if seq.guard.error is not None:
+            raise seq.guard.error
+        first = int(token.item())
+        reason = "stop" if first in m.eos_ids else "length" if p.max_tokens <= 1 else None
+        self.first_tokens_alone += 1
+        if self._deliver(m, seq, StepResult(-1, first, logprobs[0], reason), time.monotonic()):
+            return True
+        seq.uid = m.batch.insert([first], p.max_tokens - 1, seq.sampler, seq.processors, cache=cache,
+                                 cached_tokens=seq.prompt)
+        m.running[seq.uid] = seq
+        return True
 
     def _prefix(self, m: LoadedModel, seq: Sequence) -> tuple[list[Any] | None, int]:
         """A KV cache of the prompt's first tokens and how many it holds: from scoring the prompt when its

@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-s", type=float, default=5.0, help="per warm-up phase (idle, alone, loaded)")
     p.add_argument("--phases", default=",".join(PHASES))
+    p.add_argument("--engine", action="store_true",
+                   help="in-process engine instead of Ray Serve over HTTP: the engine's share of the loaded TTFT")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the replica (MLX's CUDA backend)")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--quick", action="store_true", help="tiny model, short phases")
@@ -109,6 +113,11 @@ async def interactive_client(h: Any, prompts: list[Any], args: argparse.Namespac
                 "temperature": 0.0, "logit_bias": bias, "stream": True, "priority": priority}
         rec: dict[str, Any] = {"ttft": None, "error": None}
         start = time.perf_counter()
+        if isinstance(h, EngineClient):
+            await h.first_token(body, rec, start)
+            recs.append(rec)
+            await asyncio.sleep(args.interactive_think_s)
+            continue
         try:
             async with h.stream("POST", "/v1/completions", json=body) as r:
                 if r.status_code != 200:
@@ -125,12 +134,46 @@ async def interactive_client(h: Any, prompts: list[Any], args: argparse.Namespac
         await asyncio.sleep(args.interactive_think_s)
 
 
+class EngineClient:
+    """``--engine``: the same requests straight into an in-process ``Engine`` (no Ray, no HTTP), to see
+    how much of the loaded interactive TTFT the engine alone accounts for."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    @staticmethod
+    def _request(body: dict[str, Any]) -> dict[str, Any]:
+        prompt = body["prompt"]
+        return {"model": body["model"], **({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}),
+                "priority": body["priority"], "sampling": {
+                    "max_tokens": body["max_tokens"], "temperature": 0.0,
+                    "logit_bias": {str(k): v for k, v in body["logit_bias"].items()}}}
+
+    async def first_token(self, body: dict[str, Any], rec: dict[str, Any], start: float) -> None:
+        try:
+            async for chunk in self.engine.generate(self._request(body)):
+                if rec["ttft"] is None and chunk.token_ids:
+                    rec["ttft"] = time.perf_counter() - start
+        except Exception as e:  # noqa: BLE001 - any failure voids the phase
+            rec["error"] = f"{type(e).__name__}: {e}"
+
+    async def whole(self, body: dict[str, Any], rec: dict[str, Any]) -> None:
+        try:
+            rec["tokens"] = (await self.engine.complete(self._request(body))).usage.completion_tokens
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {e}"
+
+
 async def batch_client(h: Any, prompts: list[Any], args: argparse.Namespace, bias: dict[str, float],
                        recs: list[dict[str, Any]]) -> None:
     while prompts:
         body = {"model": "bench", "prompt": prompts.pop(), "max_tokens": args.batch_max_tokens, "temperature": 0.0,
                 "logit_bias": bias, "priority": "batch"}
         rec: dict[str, Any] = {"tokens": 0, "error": None}
+        if isinstance(h, EngineClient):
+            await h.whole(body, rec)
+            recs.append(rec)
+            continue
         try:
             r = await h.post("/v1/completions", json=body)
             if r.status_code != 200:
@@ -142,17 +185,15 @@ async def batch_client(h: Any, prompts: list[Any], args: argparse.Namespace, bia
         recs.append(rec)
 
 
-async def phase(base: str, name: str, args: argparse.Namespace, prompts: Prompts, bias: dict[str, float],
+async def phase(base: str | EngineClient, name: str, args: argparse.Namespace, prompts: Prompts, bias: dict[str, float],
                 seconds: float) -> dict[str, Any]:
     """One phase: its clients run for ``seconds``; what finished by then is counted."""
-    import httpx
-
     interactive = name in ("idle", "loaded", "loaded_fifo")
     batch = name in ("alone", "loaded", "loaded_fifo")
     i_recs: list[dict[str, Any]] = []
     b_recs: list[dict[str, Any]] = []
     clients = args.batch_clients + args.interactive_clients + 4
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=clients)) as h:
+    async with _client(base, clients) as h:
         tasks = []
         if interactive:
             priority = "batch" if name == "loaded_fifo" else "interactive"
@@ -178,6 +219,17 @@ async def phase(base: str, name: str, args: argparse.Namespace, prompts: Prompts
         "interactive_ttft_p90_ms": _ms(percentile(ttfts, 90)),
         "batch_requests": len(b_recs), "batch_tokens": tokens, "batch_tokens_per_s": tokens / wall if batch else None,
     }
+
+
+@contextlib.asynccontextmanager
+async def _client(base: str | EngineClient, connections: int) -> AsyncIterator[Any]:
+    if isinstance(base, EngineClient):
+        yield base
+        return
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=connections)) as h:
+        yield h
 
 
 def _ms(v: float | None) -> float | None:
@@ -237,7 +289,7 @@ def eos_bias(model_dir: Path) -> dict[str, float]:
     return bias(model_dir)
 
 
-async def run_all(base: str, args: argparse.Namespace, bias: dict[str, float], model_dir: Path) -> dict[str, Any]:
+async def run_all(base: str | EngineClient, args: argparse.Namespace, bias: dict[str, float], model_dir: Path) -> dict[str, Any]:
     prompts = Prompts(model_dir, args.prompt_tokens)
     for name in ("idle", "alone", "loaded"):  # one warm-up for every phase: both client kinds, every batch shape
         w = await phase(base, name, args, prompts, bias, args.warmup_s)
@@ -258,20 +310,39 @@ async def run_all(base: str, args: argparse.Namespace, bias: dict[str, float], m
     return {"repetitions": reps, "ratios_per_repetition": per_rep, "ratios_summary": ratios}
 
 
+async def run_in_process(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``--engine``: the phases against an in-process engine whose batch holds what the ingress's gate
+    lets through (batch clients = slots less the interactive reserve), so the engine's share shows."""
+    from deployments.qos.config import QosConfig
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    args.batch_clients = args.slots - math.ceil(args.slots * QosConfig().interactive_reserve)
+    engine = Engine(EngineConfig(max_batch_size=args.slots))
+    await engine.load_model("bench", str(model_dir))
+    try:
+        return await run_all(EngineClient(engine), args, eos_bias(model_dir), model_dir)
+    finally:
+        await engine.shutdown(drain_timeout_s=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reexec_with_openblas(args.no_openblas)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = ensure_model(args.model, args.model_dir, args.preset)
-    base = start_server(model_dir, args)
-    try:
-        out = asyncio.run(run_all(base, args, eos_bias(model_dir), model_dir))
-    finally:
-        import ray
-        from ray import serve
+    if args.engine:
+        out = asyncio.run(run_in_process(model_dir, args))
+    else:
+        base = start_server(model_dir, args)
+        try:
+            out = asyncio.run(run_all(base, args, eos_bias(model_dir), model_dir))
+        finally:
+            import ray
+            from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
+            serve.shutdown()
+            ray.shutdown()
     s = out["ratios_summary"]
     print_table(["ratio", "median", "min", "max", "repetitions"],
                 [(k, v["median"], v["min"], v["max"], v["n"]) for k, v in s.items()])
@@ -286,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(), "model": str(model_dir),
             "settings": {k: getattr(args, k) for k in ("slots", "batch_clients", "interactive_clients", "interactive_think_s",
                                                        "batch_max_tokens", "interactive_max_tokens", "prompt_tokens", "seconds",
-                                                       "repeats", "warmup_s", "phases", "num_gpus")},
+                                                       "repeats", "warmup_s", "phases", "num_gpus", "engine")},
             "ratios": {k: v["median"] for k, v in s.items()}, "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()},
             **out})
     return 0 if ok else 1

@@ -334,6 +334,37 @@ def test_interactive_prompts_are_prefilled_before_queued_batch_prompts(tiny_mode
         batch.close()
 
 
+def test_an_interactive_prompt_under_load_gets_its_first_token_from_a_prefill_of_its_own(tiny_model_dir: Path) -> None:
+    """While other sequences decode, an interactive prompt is prefilled alone and its first token sent
+    at once; then it joins the batch. What it says (tokens, logprobs, the finish) is what the batch path
+    says for the same request; alone (nothing decoding) it takes the batch path."""
+    e = Engine(EngineConfig(max_batch_size=4, warmup=False))
+
+    async def go() -> list[tuple[Any, ...]]:
+        await e.load_model("tiny", str(tiny_model_dir))
+        no_eos = {next(iter(e._model("tiny").eos_ids)): -100.0}
+        alone = await e.complete(req("tiny", PROMPTS[2], 12, logprobs=True, top_logprobs=2))
+        assert e._scheduler.first_tokens_alone == 0  # nothing else decoding: the batch path
+        blocker = asyncio.ensure_future(e.complete(req("tiny", PROMPTS[1], 2000, logit_bias=no_eos)))
+        while e.health().active == 0:
+            await asyncio.sleep(0.01)
+        out = []
+        for priority in ("interactive", "batch"):
+            body = req("tiny", PROMPTS[2], 12, logprobs=True, top_logprobs=2)
+            body["priority"] = priority
+            out.append(await e.complete(body))
+        assert e._scheduler.first_tokens_alone == 1  # the interactive one only
+        blocker.cancel()
+        return [(c.token_ids, c.text, c.finish_reason, [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs or []],
+                 c.usage.completion_tokens if c.usage else None) for c in (*out, alone)]
+
+    try:
+        interactive, batch, alone = run(go())
+    finally:
+        run(e.shutdown(1))
+    assert interactive == batch == alone and len(interactive[0]) == 12
+
+
 def test_interactive_requests_are_admitted_before_batch_ones(tiny_model_dir: Path) -> None:
     e = Engine(EngineConfig(max_batch_size=1, warmup=False))
     order: list[str] = []
