@@ -392,11 +392,12 @@ class GpuScheduler:
         first = int(token.item())
         reason = "stop" if first in m.eos_ids else "length" if p.max_tokens <= 1 else None
         self.first_tokens_alone += 1
-        if self._deliver(m, seq, StepResult(-1, first, logprobs[0], reason), time.monotonic()):
-            return True
-        seq.uid = m.batch.insert([first], p.max_tokens - 1, seq.sampler, seq.processors, cache=cache,
-                                 cached_tokens=seq.prompt)
-        m.running[seq.uid] = seq
+        done = self._deliver(m, seq, StepResult(-1, first, logprobs[0], reason), time.monotonic())
+        self.waker.flush()  # its reader wakes now, not after the batch step this turn still runs
+        if not done:
+            seq.uid = m.batch.insert([first], p.max_tokens - 1, seq.sampler, seq.processors, cache=cache,
+                                     cached_tokens=seq.prompt)
+            m.running[seq.uid] = seq
         return True
 
     def _prefix(self, m: LoadedModel, seq: Sequence) -> tuple[list[Any] | None, int]:
