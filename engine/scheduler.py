@@ -368,14 +368,18 @@ class GpuScheduler:
         m.running[seq.uid] = seq
 
     def _first_token_alone(self, m: LoadedModel, seq: Sequence, cache: list[Any] | None, cached: int) -> bool:
-        """An interactive prompt arriving while other sequences decode is prefilled on its own and its
-        first token answered at once; the sequence then joins the batch for the rest. Its time to first
-        token so waits for the step in flight only, not for steps of the whole batch that its prefill and
-        first decode would otherwise ride in. True when done this way (the sequence now runs in the
-        batch, or has already ended). Grammar-constrained rows keep the batch path: their matcher
-        advances with the batch's mask pass."""
+        """An interactive prompt arriving while batch-priority sequences decode is prefilled on its own
+        and its first token answered at once; the sequence then joins the batch for the rest. Its time to
+        first token so waits for the step in flight only, not for steps of the whole batch that its
+        prefill and first decode would otherwise ride in. True when done this way (the sequence now runs
+        in the batch, or has already ended).
+
+        Only beside batch-priority work: when every request is interactive (the default) there is no
+        one to overtake, and prompts keep sharing prefill passes. Grammar-constrained rows keep the
+        batch path too: their matcher advances with the batch's mask pass."""
         p = seq.request.sampling
-        if (seq.request.priority != "interactive" or not m.running or m.kind != "text" or seq.vision is not None
+        if (seq.request.priority != "interactive" or m.kind != "text" or seq.vision is not None
+                or not any(s.request.priority == "batch" for s in m.running.values())
                 or any(isinstance(getattr(x, "inner", x), GrammarProcessor) for x in seq.processors)):
             return False
         stream = m.batch.stream

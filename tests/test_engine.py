@@ -335,9 +335,10 @@ def test_interactive_prompts_are_prefilled_before_queued_batch_prompts(tiny_mode
 
 
 def test_an_interactive_prompt_under_load_gets_its_first_token_from_a_prefill_of_its_own(tiny_model_dir: Path) -> None:
-    """While other sequences decode, an interactive prompt is prefilled alone and its first token sent
-    at once; then it joins the batch. What it says (tokens, logprobs, the finish) is what the batch path
-    says for the same request; alone (nothing decoding) it takes the batch path."""
+    """While batch-priority sequences decode, an interactive prompt is prefilled alone and its first
+    token sent at once; then it joins the batch. What it says (tokens, logprobs, the finish) is what the
+    batch path says for the same request; with nothing decoding, or only interactive work, it takes the
+    batch path."""
     e = Engine(EngineConfig(max_batch_size=4, warmup=False))
 
     async def go() -> list[tuple[Any, ...]]:
@@ -345,8 +346,17 @@ def test_an_interactive_prompt_under_load_gets_its_first_token_from_a_prefill_of
         no_eos = {next(iter(e._model("tiny").eos_ids)): -100.0}
         alone = await e.complete(req("tiny", PROMPTS[2], 12, logprobs=True, top_logprobs=2))
         assert e._scheduler.first_tokens_alone == 0  # nothing else decoding: the batch path
-        blocker = asyncio.ensure_future(e.complete(req("tiny", PROMPTS[1], 2000, logit_bias=no_eos)))
+        peer = asyncio.ensure_future(e.complete(req("tiny", PROMPTS[0], 2000, logit_bias=no_eos)))
         while e.health().active == 0:
+            await asyncio.sleep(0.01)
+        await e.complete(req("tiny", PROMPTS[2], 3))
+        assert e._scheduler.first_tokens_alone == 0  # beside interactive work only: the batch path
+        peer.cancel()
+        batch_work = req("tiny", PROMPTS[1], 2000, logit_bias=no_eos)
+        batch_work["priority"] = "batch"
+        blocker = asyncio.ensure_future(e.complete(batch_work))
+        while e.health().active < 1 or not any(
+                s.request.priority == "batch" for s in e._model("tiny").running.values()):
             await asyncio.sleep(0.01)
         out = []
         for priority in ("interactive", "batch"):
