@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 from pydantic import BaseModel, computed_field
 
 from cluster.inventory import GB, Fleet, ModelPlacementSpec
+from engine.sources import HUB_ID
 
 # The safetensors format caps the JSON header at 100 MB; a larger length means a corrupt file.
 _MAX_HEADER = 100_000_000
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class PlacementError(ValueError):
@@ -113,7 +112,7 @@ def model_weight_bytes(source: str | Path, revision: str | None = None) -> int:
     directory, a hub model in the local cache, else the hub's own headers (``hub_weight_bytes``)."""
     path = Path(source).expanduser()
     if not path.is_dir():
-        if not _HUB_ID_RE.match(str(source)):
+        if not HUB_ID.match(str(source)):
             raise FootprintError(f"cannot measure {str(source)!r} (missing directory); set footprint_gb for this model")
         snap = _hf_cache_snapshot(str(source), revision)
         if snap is None:

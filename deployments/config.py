@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.config import EngineConfig
 from engine.request import MAX_JSON_DEPTH
-from engine.sources import ModelSource
+from engine.sources import HUB_ID, ModelSource
 
 from .qos.config import KeyPolicy, QosConfig
 from .routing.config import RouteConfig
@@ -134,7 +134,7 @@ class ModelDeploymentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _revision_needs_a_hub_id(self) -> ModelDeploymentConfig:
-        if self.revision is not None and (self.source.startswith("demo:") or self.source.startswith(("/", ".", "~"))):
+        if self.revision is not None and not HUB_ID.match(self.source):
             raise ValueError(f"revision applies to a hub id, not to source {self.source!r}")
         return self
 

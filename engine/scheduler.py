@@ -109,6 +109,12 @@ class GpuThreadCrash(BaseException):
     """Raised by a fault drill to kill the GPU thread (``Engine.crash_gpu_thread``)."""
 
 
+def _batch_work_runs(m: LoadedModel) -> bool:
+    """Whether batch-priority sequences decode: only then do interactive ones skip the admission window
+    and take their first token alone (with every request interactive, they share prefill passes)."""
+    return any(s.request.priority == "batch" for s in m.running.values())
+
+
 def _speculative(seq: Sequence, m: LoadedModel) -> bool:
     """Whether ``seq`` takes the speculative lane of ``m`` (it asked for drafts and ``m`` has a draft)."""
     return seq.num_draft > 0 and m.draft is not None
@@ -379,7 +385,7 @@ class GpuScheduler:
         batch path too: their matcher advances with the batch's mask pass."""
         p = seq.request.sampling
         if (seq.request.priority != "interactive" or m.kind != "text" or seq.vision is not None
-                or not any(s.request.priority == "batch" for s in m.running.values())
+                or not _batch_work_runs(m)
                 or any(isinstance(getattr(x, "inner", x), GrammarProcessor) for x in seq.processors)):
             return False
         stream = m.batch.stream
@@ -459,14 +465,15 @@ class GpuScheduler:
         A prefill pass costs nearly the same for a few prompts as for a group, and closed-loop clients
         send their next requests a few at a time just after their previous ones end. Only while other
         sequences decode (an idle batch admits at once), never past ``admission_window_ms``, and never
-        for an interactive request (its time to first token is what its user waits on).
+        for an interactive request beside batch-priority work (its time to first token is what its user
+        waits on; with only interactive work, the default, there is no one to overtake).
         """
         window = self.config.admission_window_ms / 1000.0
         if window <= 0 or not m.running or free <= 0:
             return False
         text = [s for s in m.waiting if not _speculative(s, m)]
-        if not text or len(text) >= min(self.config.prefill_batch_size, free) or any(
-                s.request.priority == "interactive" for s in text):
+        if not text or len(text) >= min(self.config.prefill_batch_size, free) or (
+                any(s.request.priority == "interactive" for s in text) and _batch_work_runs(m)):
             return False
         return time.monotonic() - min(s.submitted for s in text) < window
 

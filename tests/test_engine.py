@@ -280,7 +280,7 @@ def test_cancelling_a_consumer_frees_its_slot(tiny_model_dir: Path) -> None:
 
 def test_admission_window_holds_a_lone_prompt_but_admits_a_full_prefill_group(tiny_model_dir: Path) -> None:
     """While others decode, a prefill group of prompts joins at once, and so does a lone interactive
-    prompt; a lone batch prompt waits for company."""
+    prompt beside batch work; a lone prompt otherwise waits for company."""
     e = Engine(EngineConfig(prefill_batch_size=4, admission_window_ms=10_000, warmup=False, prompt_cache_gb=0))
 
     async def go() -> None:
@@ -304,6 +304,12 @@ def test_admission_window_holds_a_lone_prompt_but_admits_a_full_prefill_group(ti
         assert e.health().active == 1  # an interactive prompt is never held for a group
         await asyncio.gather(long, run_one("lone", 2))
         assert done[-2:] == ["long", "lone"]  # held (window 10 s) until the batch emptied
+        # With only interactive work (every request's default) there is no one to overtake: held too.
+        chat = asyncio.create_task(run_one("chat-long", 200, "interactive"))
+        while e.health().active == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.gather(chat, run_one("chat-lone", 2, "interactive"))
+        assert done[-2:] == ["chat-long", "chat-lone"]
 
     try:
         run(go())
