@@ -10,7 +10,7 @@ from typing import Any
 
 from engine.demo import PRESETS
 
-from . import exposure, fleet_cli, local, nodes, serve_config
+from . import exposure, fleet_cli, local, models_cli, nodes, serve_config
 from .doctor import run as doctor_run
 
 
@@ -245,8 +245,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 1
     import ray
 
-    ray.init(address=args.address or (state.address if state else cluster.address if cluster else "auto"),
-             logging_level="ERROR")
+    ray.init(address=models_cli.cluster_address(args.address), logging_level="ERROR")
     hosts = {n["NodeID"]: (n.get("Labels") or {}).get("host", n.get("NodeManagerAddress")) for n in ray.nodes() if n.get("Alive")}
     print("hosts:")
     for node, host in sorted(hosts.items(), key=lambda kv: str(kv[1])):
@@ -434,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vision", action="store_true", help="build the vision-language demo (qwen2_vl family)")
     demo.add_argument("--force", action="store_true", help="overwrite DIR if it exists")
     demo.set_defaults(func=_cmd_make_demo)
+    models_cli.add_parsers(msub)
     return p
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,9 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import ModelLoadError
 from engine.sources import ModelSource, resolve
+from fake_hub import publish
 
 MAIN, V1 = "a" * 40, "b" * 40
-
-
-def publish(hub: Path, repo_id: str, model_dir: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
-    """Put ``model_dir`` into the cache as ``repo_id`` at ``commit``, with ``refs`` pointing at it."""
-    repo = hub / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(model_dir, snapshot)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
