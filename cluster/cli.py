@@ -194,12 +194,16 @@ def _cmd_up(args: argparse.Namespace, prepared: tuple[Path | str, dict[str, Any]
                                     app_names=app_names, http_url=http_url))
     prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
     base = http_url + prefix
+    names = [m["name"] for a in serve_config.app_args(config)[:1] for m in a.get("models", [])]
+    print(f"waiting for the replicas of {', '.join(names)} (a hub model downloads first)", flush=True)
+    printer = local.ReadyPrinter()
     try:
-        names = [m["name"] for a in serve_config.app_args(config)[:1] for m in a.get("models", [])]
-        body = local.wait_ready(base, args.timeout, progress=None, models=names)
+        body = local.wait_ready(base, args.timeout, progress=printer, models=names)
     except TimeoutError as e:
         print(f"deployed, but {e}\nsee `mlx-serving status` and the Ray dashboard at {dashboard}", file=sys.stderr)
         return 1
+    finally:
+        printer.close()
     models = ", ".join(m["name"] for m in body.get("models", []))
     keyed = any(exposure.app_auth(a).api_keys for a in deployed["applications"])
     key = " -H 'Authorization: Bearer YOUR_KEY'" if keyed else ""
@@ -362,7 +366,8 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-port", type=int, default=local.DEFAULT_GCS_PORT)
     p.add_argument("--dashboard-port", type=int, default=local.DEFAULT_DASHBOARD_PORT)
     p.add_argument("--num-cpus", type=int, help="CPUs the local Ray head offers (default: all)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /ready")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for /ready without progress (a download in progress counts as progress)")
     p.add_argument(exposure.ALLOW_FLAG, action="store_true",
                    help="serve HTTP on a non-loopback address with no API key (sets "
                         "args.auth.allow_unauthenticated_network: anyone who reaches the port may use the models)")

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 from pydantic import BaseModel
 
@@ -135,13 +135,15 @@ def get_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
             return e.code, None
 
 
-def wait_ready(url: str, timeout_s: float, progress: Any = None, models: Collection[str] = ()) -> dict[str, Any]:
+def wait_ready(url: str, timeout_s: float, progress: Callable[[Any], None] | None = None,
+               models: Collection[str] = ()) -> dict[str, Any]:
     """Poll ``/ready`` until every model is ready, ``models`` among them (a redeploy's previous ingress
     answers ready for the models it had until the new one takes over); raises TimeoutError with the
-    last answer."""
-    deadline = time.monotonic() + timeout_s
+    last answer. ``timeout_s`` counts from the last progress (a replica more running, a download
+    further along), so a large download does not trip it; ``progress`` sees every answer."""
     last: Any = "no answer"
-    while time.monotonic() < deadline:
+    seen, since = None, time.monotonic()
+    while time.monotonic() - since < timeout_s:
         try:
             status, body = get_json(url.rstrip("/") + "/ready")
             serving = {m.get("name") for m in body.get("models", [])} if isinstance(body, dict) else set()
@@ -150,7 +152,53 @@ def wait_ready(url: str, timeout_s: float, progress: Any = None, models: Collect
             last = body
         except (OSError, ValueError) as e:
             last = str(e)
+        if progress_of(last) != seen:
+            seen, since = progress_of(last), time.monotonic()
         if progress:
             progress(last)
         time.sleep(1.0)
-    raise TimeoutError(f"not ready after {timeout_s:.0f}s: {last}")
+    raise TimeoutError(f"no progress for {timeout_s:.0f}s: {last}")
+
+
+def progress_of(body: Any) -> Any:
+    """What counts as progress in a ``/ready`` answer: replicas running, and each starting replica's phase and bytes."""
+    if not isinstance(body, dict):
+        return None
+    return [(m.get("name"), m.get("replicas_healthy"), [(r.get("replica"), r.get("phase"), r.get("done_bytes"))
+                                                        for r in m.get("loading", [])])
+            for m in body.get("models", [])]
+
+
+class ReadyPrinter:
+    """What ``up`` shows while it waits: each model's running replicas when the count changes, a bar
+    per replica downloading its weights, and when a replica moves on to loading them."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {}
+        self.bars: dict[str, Any] = {}
+        self.loading: set[str] = set()
+
+    def __call__(self, body: Any) -> None:
+        from tqdm.auto import tqdm
+
+        for m in body.get("models", []) if isinstance(body, dict) else []:
+            count = (m.get("replicas_healthy"), m.get("replicas_target"))
+            if count != self.counts.get(m["name"]) and count[1] is not None:
+                self.counts[m["name"]] = count
+                print(f"  {m['name']}: {count[0] or 0} of {count[1]} replicas running", flush=True)
+            for r in m.get("loading", []):
+                key = r["replica"]
+                if r["phase"] == "downloading":
+                    bar = self.bars.get(key) or self.bars.setdefault(
+                        key, tqdm(desc=f"  {m['name']} {key[:8]} downloading", unit="B", unit_scale=True, leave=True))
+                    bar.total = r.get("total_bytes") or None
+                    bar.update(int(r.get("done_bytes", 0)) - bar.n)
+                elif key not in self.loading:
+                    self.loading.add(key)
+                    if key in self.bars:
+                        self.bars.pop(key).close()
+                    print(f"  {m['name']}: replica {key[:8]} loading its weights", flush=True)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()

@@ -64,6 +64,10 @@ class ModelDeploymentConfig(BaseModel):
     adapter_path: str | None = Field(
         None, min_length=1, description="A LoRA adapter to serve on the weights: a directory with adapters.safetensors "
                                         "and adapter_config.json (mlx_lm.lora's output), or a hub id holding them.")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Environment of this model's replicas (their Ray runtime_env), e.g. HF_ENDPOINT for a "
+                                          "hub mirror. Secrets such as HF_TOKEN belong in the hosts' environment: "
+                                          "the Serve config is readable on the dashboard.")
     draft_model: str | None = Field(
         None, description="A small model with the same tokenizer for speculative decoding (engine.num_draft_tokens per step).")
     num_replicas: int | None = Field(1, ge=0, le=512)
@@ -165,6 +169,8 @@ class ModelDeploymentConfig(BaseModel):
             opts["fallback_strategy"] = [{"label_selector": {"host": host_selector(self.fallback_hosts)}}]
         if self.memory_gb is not None:
             opts["memory"] = int(self.memory_gb * 2**30)
+        if self.env_vars:
+            opts["runtime_env"] = {"env_vars": dict(self.env_vars)}
         return opts
 
 

@@ -433,6 +433,26 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class ReplicaLoad(BaseModel):
+    """A starting replica's progress: downloading its weights (bytes), then loading them."""
+
+    replica: str
+    phase: Literal["downloading", "loading"]
+    done_bytes: int = 0
+    total_bytes: int = 0
+    updated_at: float = 0.0  # epoch seconds of the replica's last report
+
+    def describe(self) -> str:
+        if self.phase == "loading":
+            return "loading weights"
+        pct = 100.0 * self.done_bytes / self.total_bytes if self.total_bytes else 0.0
+        return f"downloading {pct:.0f}% of {size_text(self.total_bytes)}"
+
+
+def size_text(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class ModelStatus(BaseModel):
     name: str
     ready: bool
@@ -441,6 +461,7 @@ class ModelStatus(BaseModel):
     replicas_target: int | None = None  # what the config asks for (autoscaling: min_replicas)
     degraded: bool = False  # serving, with fewer running replicas than replicas_target (a host is down)
     autoscaling_target: int | None = None  # autoscaled models: the replicas Serve's autoscaler wants now
+    loading: list[ReplicaLoad] = []  # replicas still starting: downloading or loading their weights
 
 
 class ReadyResponse(BaseModel):

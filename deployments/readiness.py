@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from . import load_progress
 from .config import AppConfig
 from .protocol import ModelStatus
 
@@ -73,9 +74,14 @@ class Readiness:
             message = (d.message or "").strip().splitlines()[0][:200] if (d.message or "").strip() else ""
             message = message.removesuffix("Error:").strip()
             detail = f"{_status_name(d.status)} {message}".strip()
+            loading = []
             if running < target:
                 detail += f" ({running} of {target} replicas running)"
+                starting = {r.replica_id for r in d.replicas if _status_name(r.state) != "RUNNING"}
+                loading = load_progress.read(self.app_name, m.deployment_name, starting) if starting else []
+                detail += "".join(f"; {r.describe()}" for r in loading)
             out.append(ModelStatus(name=m.name, ready=running > 0, replicas_healthy=running, detail=detail,
                                    replicas_target=target, degraded=0 < running < target,
-                                   autoscaling_target=d.target_num_replicas if m.autoscaling_config else None))
+                                   autoscaling_target=d.target_num_replicas if m.autoscaling_config else None,
+                                   loading=loading))
         return out

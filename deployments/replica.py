@@ -33,6 +33,7 @@ from engine.request import ChatMessage, GenerationChunk, ToolDef
 
 from . import logging as events
 from .config import FaultInjection, ModelDeploymentConfig
+from .load_progress import LoadReporter
 from .messages import ReplicaError, ReplicaInfo
 from .metrics import RayMetricsObserver
 from .statuses import status_of
@@ -69,11 +70,20 @@ class ModelReplica:
         self.engine = Engine(self.config.engine, observer=self.observer)
         self.observer.attach(self.engine)
         t0 = time.monotonic()
-        source = self.config.model_source()  # a hub id becomes its local snapshot in the engine's load
-        draft = sources.resolve(self.config.draft_model) if self.config.draft_model else None
-        # Blocks this constructor until the weights are loaded and warmed up: Serve marks the replica
-        # ready only then, so no request ever waits on a cold model.
-        self.engine.load_model_blocking(self.config.name, source, draft)
+        source = self.config.model_source()
+        progress = LoadReporter(self.config.name, str(source))
+        try:
+            # A hub id is downloaded here, off the GPU thread, with progress for /ready and the log;
+            # the engine's load then finds it in the cache.
+            source.local_dir(progress=progress.downloading)
+            source.local_adapter()
+            draft = sources.resolve(self.config.draft_model) if self.config.draft_model else None
+            progress.loading()
+            # Blocks this constructor until the weights are loaded and warmed up: Serve marks the
+            # replica ready only then, so no request ever waits on a cold model.
+            self.engine.load_model_blocking(self.config.name, source, draft)
+        finally:
+            progress.done()
         self.engine.on_death(self._engine_died)
         events.replica_started(self.config.name, time.monotonic() - t0, source=str(source))
 

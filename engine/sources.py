@@ -11,15 +11,19 @@ serve the demo.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 DEMO_PREFIX = "demo:"
 DEMO_KINDS = ("tiny", "bench", "vision")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 ADAPTER_FILES = ["adapters.safetensors", "adapter_config.json"]  # what mlx-lm's load_adapters reads
+Progress = Callable[[int, int], None]  # (bytes written, bytes to write) of a download
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,8 @@ class ModelSource:
     revision: str | None = None
     adapter_path: str | None = None
 
-    def local_dir(self) -> str:
-        return resolve(self.source, self.revision)
+    def local_dir(self, progress: Progress | None = None) -> str:
+        return resolve(self.source, self.revision, progress=progress)
 
     def local_adapter(self) -> str | None:
         return None if self.adapter_path is None else resolve(self.adapter_path, patterns=ADAPTER_FILES)
@@ -61,14 +65,15 @@ def is_hub_id(source: str) -> bool:
     return bool(HUB_ID.match(source)) and not Path(source).expanduser().exists()
 
 
-def resolve(source: str, revision: str | None = None, patterns: list[str] | None = None) -> str:
+def resolve(source: str, revision: str | None = None, patterns: list[str] | None = None,
+            progress: Progress | None = None) -> str:
     """A local directory mlx-lm / mlx-vlm can load. A hub id becomes its snapshot (``patterns``:
     the files to fetch, by default those mlx-lm loads); a demo model is built if it is missing, or
     rebuilt when an older release built it (``DEMO_VERSION``: e.g. before the tool and thinking markers)."""
     if revision is not None and not is_hub_id(source):
         raise ValueError(f"revision {revision!r} applies to hub ids only, not to {source!r}")
     if is_hub_id(source):
-        return download(source, revision, patterns)
+        return download(source, revision, patterns, progress)
     if not is_demo(source):
         path = Path(source).expanduser()
         return str(path) if path.exists() else source
@@ -108,10 +113,12 @@ def _current(out: Path) -> bool:
 VISION_PATTERNS = ["*.json", "*.jsonl", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-def download(repo_id: str, revision: str | None = None, patterns: list[str] | None = None) -> str:
+def download(repo_id: str, revision: str | None = None, patterns: list[str] | None = None,
+             progress: Progress | None = None) -> str:
     """The local snapshot of ``repo_id`` at ``revision``: from the Hugging Face cache when it is there
     (or when ``HF_HUB_OFFLINE`` is set), else downloaded into it. Without ``patterns``, ``config.json``
-    comes first and says which files the model needs: mlx-vlm's for a vision model, mlx-lm's otherwise."""
+    comes first and says which files the model needs: mlx-vlm's for a vision model, mlx-lm's otherwise.
+    ``progress`` hears the byte counts of the weights' download (nothing when the cache has them)."""
     import json
 
     from huggingface_hub import snapshot_download
@@ -124,4 +131,37 @@ def download(repo_id: str, revision: str | None = None, patterns: list[str] | No
         except (OSError, ValueError):
             vision = False
         patterns = VISION_PATTERNS if vision else DEFAULT_ALLOW_PATTERNS
-    return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    bars = None if progress is None else progress_bars(progress)
+    return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, tqdm_class=bars)
+
+
+def progress_bars(report: Progress) -> type:
+    """A tqdm class for ``snapshot_download`` that draws nothing and passes byte counts to ``report``.
+
+    huggingface_hub aggregates every file of a snapshot into byte bars (bytes received, bytes
+    written); the larger count of the two is reported."""
+    from tqdm.auto import tqdm
+
+    counts: dict[int, tuple[int, int]] = {}
+    lock = threading.Lock()
+
+    class ByteCounts(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["file"] = _devnull()
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            out = super().update(n)
+            if self.unit == "B":
+                with lock:
+                    counts[id(self)] = (int(self.n), int(self.total or 0))
+                    done, total = max(counts.values())
+                report(done, total)
+            return out
+
+    return ByteCounts
+
+
+@functools.cache
+def _devnull() -> Any:
+    return open(os.devnull, "w")
