@@ -6,7 +6,8 @@ Ray lists every node's metrics endpoint in ``/tmp/ray/prom_metrics_service_disco
 head node: ``config/prometheus.yml`` scrapes through it, ``config/grafana-dashboard.json`` charts the
 names below. See docs/observability.md.
 
-- ``RayMetricsObserver``: the engine's metrics (``engine.metrics.ENGINE_METRICS``) from a replica.
+- ``RayMetricsObserver``: the engine's metrics (``engine.metrics.ENGINE_METRICS``) from a replica,
+  and their vLLM-named twins (``VLLM_METRICS``, as ``ray_vllm_*``) for Ray's Serve LLM dashboard.
 - ``HttpObservability``: ASGI middleware for the ingress: the request id (``x-request-id``), one
   JSON access-log line per request and ``HTTP_METRICS`` by route, model, variant, status and code.
 - ``RouterMetrics``: assignments, outcomes, rollout and circuit-breaker events, for the router.
@@ -25,7 +26,8 @@ from typing import Any, Callable
 
 from engine import logs
 from engine.metrics import (
-    E2E_BUCKETS, ENGINE_METRICS, TTFT_BUCKETS, Backend, MetricSpec, MetricsObserver, PrometheusBackend, _specs,
+    E2E_BUCKETS, ENGINE_METRICS, TTFT_BUCKETS, VLLM_METRICS, Backend, MetricSpec, MetricsObserver, PrometheusBackend,
+    _specs,
 )
 
 from .logging import request_note, router_event, serve_request_id
@@ -63,19 +65,28 @@ class _RayMetric:
         self.metric.set(value, tags=self._tags(key))
 
 
+def ray_metric_name(spec: MetricSpec) -> str:
+    """The name given to Ray: ``:`` becomes ``_`` (OpenTelemetry, Ray's default metrics path, allows no
+    ``:`` in instrument names; vLLM's Ray stat logger does the same), so ``vllm:x`` is exported as
+    ``ray_vllm_x``, the name Ray's Serve LLM dashboard queries."""
+    return spec.full_name.replace(":", "_")
+
+
 class RayBackend(Backend):
-    """``ray.serve.metrics``: inside a replica, Serve adds deployment / replica / application tags."""
+    """``ray.serve.metrics``: inside a replica, Serve adds deployment / replica / application tags
+    (and Ray the ``WorkerId`` its Serve LLM dashboard joins on)."""
 
     def make(self, spec: MetricSpec) -> _RayMetric:
         from ray.serve import metrics
 
+        name = ray_metric_name(spec)
         kw: dict[str, Any] = {"description": spec.doc, "tag_keys": spec.labels}
         if spec.kind == "counter":
-            metric = metrics.Counter(spec.full_name, **kw)
+            metric = metrics.Counter(name, **kw)
         elif spec.kind == "histogram":
-            metric = metrics.Histogram(spec.full_name, boundaries=[float(b) for b in spec.buckets], **kw)
+            metric = metrics.Histogram(name, boundaries=[float(b) for b in spec.buckets], **kw)
         else:
-            metric = metrics.Gauge(spec.full_name, **kw)
+            metric = metrics.Gauge(name, **kw)
         return _RayMetric(metric, spec.labels)
 
 
@@ -89,9 +100,9 @@ class RayMetricsObserver(MetricsObserver):
     """
 
     def __init__(self, memory_interval_s: float = 5.0, step_sample_s: float = 0.1, gauge_interval_s: float = 1.0,
-                 backend: Backend | None = None) -> None:
+                 backend: Backend | None = None, vllm_names: bool = True) -> None:
         super().__init__(backend or RayBackend(), memory_interval_s=memory_interval_s, step_sample_s=step_sample_s,
-                         gauge_interval_s=gauge_interval_s)
+                         gauge_interval_s=gauge_interval_s, vllm_names=vllm_names)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -378,8 +389,8 @@ ROUTER = RouterMetrics()
 
 def all_metric_names(ray_prefix: bool = False) -> list[str]:
     """Every metric family name this project exports (for docs and tests)."""
-    p = "ray_" if ray_prefix else ""
     from .qos.metrics import QOS_METRICS
 
-    return [p + s.full_name for s in (*ENGINE_METRICS.values(), *HTTP_METRICS.values(), *ROUTER_METRICS.values(),
-                                      *QOS_METRICS.values())]
+    specs = (*ENGINE_METRICS.values(), *VLLM_METRICS.values(), *HTTP_METRICS.values(), *ROUTER_METRICS.values(),
+             *QOS_METRICS.values())
+    return ["ray_" + ray_metric_name(s) if ray_prefix else s.full_name for s in specs]

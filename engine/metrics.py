@@ -18,7 +18,9 @@ Serving ``/metrics`` in-process::
     # or mount metrics_app(obs.registry) in your own ASGI app
 
 Under Ray the names gain Ray's ``ray_`` prefix in Prometheus (``ray_mlx_serving_..._bucket``);
-counters end in ``_total`` in both modes. See docs/observability.md.
+counters end in ``_total`` in both modes. The metrics vLLM also reports are exported a second time
+under vLLM's names (``VLLM_METRICS``: ``vllm:...`` here, ``ray_vllm_...`` under Ray), so Ray's
+Serve LLM dashboard and vLLM's dashboards chart this engine as they are. See docs/observability.md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.
                 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Tokens per request, 1-2-5 steps as vLLM's.
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
 
 Kind = Literal["counter", "histogram", "gauge"]
 
@@ -61,10 +65,11 @@ class MetricSpec:
     doc: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    prefix: str = PREFIX
 
     @property
     def full_name(self) -> str:
-        return PREFIX + self.name
+        return self.prefix + self.name
 
 
 def _specs(*specs: MetricSpec) -> dict[str, MetricSpec]:
@@ -81,9 +86,16 @@ ENGINE_METRICS: dict[str, MetricSpec] = _specs(
                "Submission to last token, per finished request.", M, E2E_BUCKETS),
     MetricSpec("queue_wait_seconds", "histogram",
                "Submission to admission into the running batch.", M, QUEUE_BUCKETS),
+    MetricSpec("decode_seconds", "histogram",
+               "First token to last token, per finished request.", M, E2E_BUCKETS),
     MetricSpec("prompt_tokens", "counter", "Prompt tokens of finished requests.", M),
     MetricSpec("generation_tokens", "counter", "Generated (completion) tokens of finished requests.", M),
-    MetricSpec("prompt_cache_hit_tokens", "counter", "Prompt tokens served from the prompt (prefix) cache.", M),
+    MetricSpec("request_prompt_tokens", "histogram", "Prompt tokens per finished request.", M, TOKEN_BUCKETS),
+    MetricSpec("request_generation_tokens", "histogram", "Generated tokens per finished request.", M, TOKEN_BUCKETS),
+    MetricSpec("prompt_cache_queried_tokens", "counter",
+               "Prompt tokens looked up in the prompt (prefix) cache, counted at lookup.", M),
+    MetricSpec("prompt_cache_hit_tokens", "counter",
+               "Prompt tokens served from the prompt (prefix) cache, counted at lookup.", M),
     MetricSpec("prompt_cache_hits", "counter", "Finished requests that reused a cached prompt prefix.", M),
     MetricSpec("prompt_cache_bytes", "gauge", "Bytes held by a model's prompt (prefix) cache.", M),
     MetricSpec("draft_tokens", "counter", "Draft tokens proposed by speculative decoding.", M),
@@ -106,6 +118,47 @@ ENGINE_METRICS: dict[str, MetricSpec] = _specs(
     MetricSpec("mlx_cache_memory_bytes", "gauge", "MLX allocator cache (mx.get_cache_memory)."),
 )
 
+# -- vLLM's names ---------------------------------------------------------------------------------
+# Ray 2.60's Serve LLM Grafana dashboard (ray/dashboard/modules/metrics/dashboards/
+# serve_llm_dashboard_panels.py) and vLLM's own dashboards query vLLM's metric names, labelled
+# ``model_name``. Every engine metric that means what a vLLM metric means is also exported under
+# vLLM's name, from the same updates: one definition, two names. Prometheus here sees ``vllm:NAME``
+# (vLLM's own spelling); Ray's backend writes ``vllm_NAME``, which Ray exports as ``ray_vllm_NAME``:
+# the names that dashboard queries (vLLM's Ray stat logger spells them the same way).
+# Not exported, for want of an honest value: kv_cache_usage_perc (vLLM's share of a preallocated
+# paged KV pool; MLX grows each sequence's cache on demand, there is no pool), num_requests_swapped
+# (vLLM V0 only; nothing here swaps or preempts), request_prefill_time_seconds (needs a request's
+# admission time, which no hook carries), nixl_*, kv_offload_*, external_prefix_cache_* (vLLM's
+# disaggregated prefill, CPU KV offload and KV connectors: none here).
+VLLM_PREFIX = "vllm:"
+VLLM_LABELS = {"model": "model_name", "finish_reason": "finished_reason"}
+VLLM_NAMES: dict[str, str] = {  # engine metric -> vLLM's name
+    "time_to_first_token_seconds": "time_to_first_token_seconds",
+    "time_per_output_token_seconds": "request_time_per_output_token_seconds",  # per-request mean, as ours
+    "e2e_request_latency_seconds": "e2e_request_latency_seconds",
+    "queue_wait_seconds": "request_queue_time_seconds",
+    "decode_seconds": "request_decode_time_seconds",
+    "prompt_tokens": "prompt_tokens",
+    "generation_tokens": "generation_tokens",
+    "request_prompt_tokens": "request_prompt_tokens",
+    "request_generation_tokens": "request_generation_tokens",
+    "prompt_cache_queried_tokens": "prefix_cache_queries",
+    "prompt_cache_hit_tokens": "prefix_cache_hits",
+    "requests_finished": "request_success",
+    "requests_running": "num_requests_running",
+    "requests_waiting": "num_requests_waiting",
+}
+
+
+def _vllm_spec(source: str, name: str) -> MetricSpec:
+    s = ENGINE_METRICS[source]
+    return MetricSpec(name, s.kind, f"{s.doc} (vLLM's name for {s.full_name}.)",
+                      tuple(VLLM_LABELS.get(x, x) for x in s.labels), s.buckets, prefix=VLLM_PREFIX)
+
+
+#: engine metric name -> its vLLM-named twin (labels renamed, same order, same values)
+VLLM_METRICS: dict[str, MetricSpec] = {src: _vllm_spec(src, name) for src, name in VLLM_NAMES.items()}
+
 
 class Backend:
     """What an exporter provides: ``make(spec)`` returns an object with ``inc`` / ``observe`` / ``set``
@@ -115,25 +168,47 @@ class Backend:
         raise NotImplementedError
 
 
+class _Twin:
+    """A metric and its vLLM-named twin, updated together (label values in the same order)."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+
+    def inc(self, value: float, key: tuple) -> None:
+        self.a.inc(value, key)
+        self.b.inc(value, key)
+
+    def observe(self, value: float, key: tuple) -> None:
+        self.a.observe(value, key)
+        self.b.observe(value, key)
+
+    def set(self, value: float, key: tuple) -> None:
+        self.a.set(value, key)
+        self.b.set(value, key)
+
+
 class MetricsObserver(EngineObserver):
     """The observer hooks as metric updates, for any backend.
 
     ``step_sample_s`` > 0 records the batch-size and step-time histograms at most that often per
     model (a Ray histogram costs ~10-20 us per observation; a GPU step can be 1 ms). Running and
     waiting come from ``attach(engine)`` when attached (exact even when the engine goes idle), else
-    from the latest ``on_step``.
+    from the latest ``on_step``. ``vllm_names`` also exports ``VLLM_METRICS`` (on by default).
     """
 
     #: specs whose values a subclass publishes by itself (e.g. at scrape time), not via ``make``
     external: frozenset[str] = frozenset()
 
     def __init__(self, backend: Backend, memory_interval_s: float = 5.0, step_sample_s: float = 0.0,
-                 gauge_interval_s: float = 1.0) -> None:
+                 gauge_interval_s: float = 1.0, vllm_names: bool = True) -> None:
         self.backend = backend
         self.memory_interval_s = memory_interval_s
         self.step_sample_s = step_sample_s
         self.gauge_interval_s = gauge_interval_s
-        self.m: dict[str, Any] = {k: backend.make(s) for k, s in ENGINE_METRICS.items() if k not in self.external}
+        self.vllm_names = vllm_names
+        self.m: dict[str, Any] = {k: self._make(k, s) for k, s in ENGINE_METRICS.items() if k not in self.external}
         self._queue: dict[str, tuple[int, int]] = {}  # model -> (running, waiting) at the last step
         self._pushed_queue: dict[str, tuple[int, int]] = {}
         self._last_step_sample: dict[str, float] = {}
@@ -144,6 +219,11 @@ class MetricsObserver(EngineObserver):
         self._cache_bytes: dict[str, int] = {}
         self._gauges: dict[tuple[str, tuple], float] = {}  # latest value of every gauge series
         self.memory: dict[str, float] = {}
+
+    def _make(self, name: str, spec: MetricSpec) -> Any:
+        metric = self.backend.make(spec)
+        twin = VLLM_METRICS.get(name) if self.vllm_names else None
+        return _Twin(metric, self.backend.make(twin)) if twin is not None else metric
 
     # -- hooks (GPU thread) ---------------------------------------------------------------------
     def on_admit(self, model: str, queue_wait_s: float) -> None:
@@ -156,13 +236,17 @@ class MetricsObserver(EngineObserver):
                   e2e_s: float, finish_reason: str, ttft_s: float | None = None, **_: Any) -> None:
         key = (model,)
         m = self.m
-        m["prompt_tokens"].inc(prompt_tokens, key)
+        if prompt_tokens:
+            m["prompt_tokens"].inc(prompt_tokens, key)
         if completion_tokens:
             m["generation_tokens"].inc(completion_tokens, key)
+        m["request_prompt_tokens"].observe(prompt_tokens, key)
+        m["request_generation_tokens"].observe(completion_tokens, key)
         if cached_tokens:
-            m["prompt_cache_hit_tokens"].inc(cached_tokens, key)
             m["prompt_cache_hits"].inc(1, key)
         m["e2e_request_latency_seconds"].observe(e2e_s, key)
+        if ttft_s is not None:
+            m["decode_seconds"].observe(max(0.0, e2e_s - ttft_s), key)
         m["requests_finished"].inc(1, (model, finish_reason))
         if completion_tokens > 1:
             # Decode time per token: e2e minus TTFT, over the tokens after the first. Without the
@@ -171,6 +255,13 @@ class MetricsObserver(EngineObserver):
                 m["time_per_output_token_seconds"].observe(max(0.0, e2e_s - ttft_s) / (completion_tokens - 1), key)
             else:
                 m["time_per_output_token_seconds"].observe(e2e_s / completion_tokens, key)
+
+    def on_prefix_lookup(self, model: str, queried_tokens: int, hit_tokens: int) -> None:
+        key = (model,)
+        if queried_tokens:
+            self.m["prompt_cache_queried_tokens"].inc(queried_tokens, key)
+        if hit_tokens:
+            self.m["prompt_cache_hit_tokens"].inc(hit_tokens, key)
 
     def on_speculative(self, model: str, proposed: int, accepted: int) -> None:
         key = (model,)
@@ -344,19 +435,19 @@ class _QueueCollector:
     def collect(self, empty: bool = False) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        running = GaugeMetricFamily(ENGINE_METRICS["requests_running"].full_name,
-                                    ENGINE_METRICS["requests_running"].doc, labels=["model"])
-        waiting = GaugeMetricFamily(ENGINE_METRICS["requests_waiting"].full_name,
-                                    ENGINE_METRICS["requests_waiting"].doc, labels=["model"])
-        if not empty:
-            queue = self.observer.engine_queue()
-            if queue is None:
-                queue = dict(self.observer._queue)
+        queue = {} if empty else self.observer.engine_queue()
+        if queue is None:
+            queue = dict(self.observer._queue)
+        names = [ENGINE_METRICS] + ([VLLM_METRICS] if self.observer.vllm_names else [])
+        for specs in names:  # ours, then vLLM's names for the same values
+            running_spec, waiting_spec = specs["requests_running"], specs["requests_waiting"]
+            running = GaugeMetricFamily(running_spec.full_name, running_spec.doc, labels=list(running_spec.labels))
+            waiting = GaugeMetricFamily(waiting_spec.full_name, waiting_spec.doc, labels=list(waiting_spec.labels))
             for model, (r, w) in sorted(queue.items()):
                 running.add_metric([model], r)
                 waiting.add_metric([model], w)
-        yield running
-        yield waiting
+            yield running
+            yield waiting
 
 
 class PrometheusObserver(MetricsObserver):
@@ -365,12 +456,13 @@ class PrometheusObserver(MetricsObserver):
 
     external = frozenset({"requests_running", "requests_waiting"})
 
-    def __init__(self, registry: Any = None, memory_interval_s: float = 5.0, step_sample_s: float = 0.0) -> None:
+    def __init__(self, registry: Any = None, memory_interval_s: float = 5.0, step_sample_s: float = 0.0,
+                 vllm_names: bool = True) -> None:
         from prometheus_client import CollectorRegistry
 
         self.registry = registry if registry is not None else CollectorRegistry()
         super().__init__(PrometheusBackend(self.registry), memory_interval_s=memory_interval_s,
-                         step_sample_s=step_sample_s)
+                         step_sample_s=step_sample_s, vllm_names=vllm_names)
         self.registry.register(_QueueCollector(self))
 
     def exposition(self) -> bytes:
@@ -380,7 +472,8 @@ class PrometheusObserver(MetricsObserver):
         return generate_latest(self.registry)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
-        """One sample's value by its full exported name (``mlx_serving_generation_tokens_total``)."""
+        """One sample's value by its full exported name (``mlx_serving_generation_tokens_total``,
+        ``vllm:generation_tokens_total``)."""
         return self.registry.get_sample_value(name, labels or {})
 
 

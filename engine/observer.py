@@ -18,6 +18,9 @@ class EngineObserver:
     def on_finish(self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
                   e2e_s: float, finish_reason: str, ttft_s: float | None = None) -> None: ...
 
+    def on_prefix_lookup(self, model: str, queried_tokens: int, hit_tokens: int) -> None:
+        """A prompt looked up in the prefix cache: its length and how many of its tokens were cached."""
+
     def on_error(self, model: str, code: str) -> None: ...
 
     def on_cancel(self, model: str) -> None: ...

@@ -423,7 +423,9 @@ class GpuScheduler:
             return None, 0
         if m.prompt_cache is None:
             return None, 0
-        return m.prompt_cache.lookup(seq.prompt, request.cache_scope)
+        cache, cached = m.prompt_cache.lookup(seq.prompt, request.cache_scope)
+        self.observer.on_prefix_lookup(m.name, len(seq.prompt), cached)
+        return cache, cached
 
     @staticmethod
     def _reused(seq: Sequence, cached: int) -> int:

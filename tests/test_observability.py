@@ -303,11 +303,15 @@ def _sample_sum(text: str, name: str, **labels: str) -> float:
 
 def test_ray_exports_engine_and_http_metrics(app_url: str) -> None:
     """Ray's node metrics endpoint serves the replica's engine metrics and the ingress's HTTP metrics
-    (as ray_mlx_serving_*), and they move with the traffic."""
+    (as ray_mlx_serving_*), and they move with the traffic. The vLLM names that Ray's Serve LLM
+    dashboard queries are there too (ray_vllm_*, with model_name and the WorkerId it joins on)."""
+    from test_vllm_metrics import exported_dashboard_names
+
     before = _sample_sum(_scrape_ray(), "ray_mlx_serving_generation_tokens_total", model="demo", application="main")
-    r = httpx.post(app_url + "/v1/completions", timeout=60,
-                   json={"model": "demo", "prompt": "count me", "max_tokens": 7, "logit_bias": no_eos(app_url)})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7
+    for _ in range(2):  # the same prompt twice: the second finds the first's prefix in the cache
+        r = httpx.post(app_url + "/v1/completions", timeout=60,
+                       json={"model": "demo", "prompt": "count me", "max_tokens": 7, "logit_bias": no_eos(app_url)})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7
     with httpx.stream("POST", app_url + "/v1/completions", timeout=60,
                       json={"model": "demo", "prompt": "stream me", "max_tokens": 3, "stream": True}) as s:
         assert s.status_code == 200
@@ -319,15 +323,38 @@ def test_ray_exports_engine_and_http_metrics(app_url: str) -> None:
         http_ok = _sample_sum(text, "ray_mlx_serving_http_requests_total", route="/v1/completions", model="demo",
                               variant="demo", status="200", code="")
         ttfb = _sample_sum(text, "ray_mlx_serving_http_time_to_first_byte_seconds_count", route="/v1/completions")
-        if (after >= before + 7 and http_ok >= 2 and ttfb >= 1) or time.monotonic() > deadline:
+        hits = _sample_sum(text, "ray_vllm_prefix_cache_hits_total", model_name="demo", application="main")
+        if (after >= before + 14 and http_ok >= 3 and ttfb >= 1 and hits > 0) or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert after >= before + 7, (before, after)
-    assert http_ok >= 2 and ttfb >= 1
+    assert after >= before + 14, (before, after)
+    assert http_ok >= 3 and ttfb >= 1 and hits > 0
     for name in ("ray_mlx_serving_time_to_first_token_seconds_bucket", "ray_mlx_serving_requests_running",
                  "ray_mlx_serving_process_resident_memory_bytes", "ray_mlx_serving_model_loads_total",
                  "ray_mlx_serving_model_weight_bytes"):
         assert re.search(rf'^{name}{{[^}}]*deployment="model-demo"', text, re.M), name
+
+    # Ray's Serve LLM dashboard: every vLLM sample it queries (and we export), from the replica, with
+    # model_name; and a WorkerId that Serve's own request counter of that replica carries too (the
+    # dashboard joins the two on it to name the deployment and replica).
+    def labels(line: str) -> dict[str, str]:
+        return dict(re.findall(r'(\w+)="([^"]*)"', line.partition("{")[2].rpartition("}")[0]))
+
+    serve_workers = {labels(x).get("WorkerId") for x in text.splitlines()
+                     if x.startswith("ray_serve_deployment_request_counter_total{") and 'deployment="model-demo"' in x}
+    serve_workers.discard(None)
+    assert serve_workers, "Serve's request counter of model-demo carries no WorkerId"
+    missing = []
+    for name in exported_dashboard_names():
+        lines = [labels(x) for x in text.splitlines() if x.startswith(name + "{")]
+        ours = [x for x in lines if x.get("model_name") == "demo" and x.get("deployment") == "model-demo"]
+        if not ours:
+            missing.append(name)
+        else:
+            assert all(x.get("WorkerId") in serve_workers for x in ours), (name, ours[0], serve_workers)
+    assert not missing, missing
+    assert _sample_sum(text, "ray_vllm_generation_tokens_total", model_name="demo", application="main") == \
+        _sample_sum(text, "ray_mlx_serving_generation_tokens_total", model="demo", application="main")
 
 
 # -- config files ---------------------------------------------------------------------------------
