@@ -16,7 +16,7 @@ import yaml
 
 from engine.sources import cache_dir
 
-from . import exposure, local, nodes
+from . import agents, agents_cli, exposure, local, nodes
 from .nodes import ClusterState, NodeRecord
 
 
@@ -266,6 +266,12 @@ def _up_inventory(args: argparse.Namespace) -> int:
     token = _ensure_auth(args.dry_run)
     ray = local.ray_bin()
     workers = [h for h in fleet.hosts if h.name != head.name]
+    agents_note = ""
+    if args.write_agents:  # written before anything starts: a bad --remote-ray stops the command here
+        try:
+            agents_note = agents_cli.write_agents_note(fleet, args, token)
+        except (agents.AgentError, OSError) as e:
+            return _err(f"--write-agents: {e}")
 
     launcher = Path(args.launcher_yaml or (_logs_dir() / "ray-up.yaml"))
     if not args.dry_run:
@@ -301,6 +307,8 @@ def _up_inventory(args: argparse.Namespace) -> int:
         nodes.write_state(state)
         print(f"head up: {address}, dashboard {state.dashboard_url}")
 
+    if agents_note:
+        print(f"\n{agents_note}")
     if workers and args.ssh:
         started = _ssh_start(fleet, workers, args, token, dry_run=args.dry_run)
         if not args.dry_run:
@@ -312,7 +320,7 @@ def _up_inventory(args: argparse.Namespace) -> int:
             except TimeoutError as e:
                 print(f"not every host joined: {e}; see {nodes.REMOTE_LOG} on them", file=sys.stderr)
                 return 1
-    elif workers:
+    elif workers and not agents_note:  # with agents, the note below says how to start the Macs
         print("\nstart the other Macs (each line as it is; `ray` from the same mlx-serving install):")
         for h in workers:
             print(f"\n# {h.name} ({h.chip}, {h.usable_gb:.1f} GB usable)")
@@ -525,7 +533,8 @@ def add_parsers(sub: Any) -> None:
     up.add_argument("--inventory", help="fleet inventory (config/fleet.example.yaml): hosts, head, labels, memory")
     up.add_argument("--simulate", type=int, metavar="N", help="start N Ray nodes on this machine, hosts sim-1..sim-N")
     up.add_argument("--ssh", action="store_true", help="start the other Macs over ssh (user@address from the inventory)")
-    up.add_argument("--dry-run", action="store_true", help="print the commands; start nothing, write nothing")
+    up.add_argument("--dry-run", action="store_true",
+                    help="print the commands; start nothing, write nothing but --write-agents")
     up.add_argument("--port", type=int, default=local.DEFAULT_GCS_PORT, help="Ray GCS port of the head")
     up.add_argument("--dashboard-port", type=int, default=local.DEFAULT_DASHBOARD_PORT)
     up.add_argument("--dashboard-host", default="127.0.0.1", help="bind address of the dashboard (fleet head)")
@@ -536,6 +545,10 @@ def add_parsers(sub: Any) -> None:
     up.add_argument("--this-host", help="the inventory name of this machine, if address matching fails")
     up.add_argument("--remote-ray", default="ray", help="the `ray` executable on the other Macs (e.g. a venv path)")
     up.add_argument("--launcher-yaml", help="where to write the `ray up` config (default: in the cache dir)")
+    up.add_argument("--write-agents", metavar="DIR", help="also write a launchd LaunchAgent per worker Mac into DIR "
+                    "(written with --dry-run too; needs an absolute --remote-ray)")
+    up.add_argument("--remote-home", default=agents.DEFAULT_HOME,
+                    help="home directory of the ssh user on the Macs, for the agents' paths (default /Users/{user})")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for nodes to join")
     up.set_defaults(func=cmd_up)
 
@@ -551,3 +564,5 @@ def add_parsers(sub: Any) -> None:
     start.add_argument("host")
     start.add_argument("--timeout", type=float, default=180.0)
     start.set_defaults(func=cmd_start_host)
+
+    agents_cli.add_parsers(csub)
