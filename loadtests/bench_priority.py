@@ -17,8 +17,10 @@ idle; target <= 1.5) and ``batch_tokens_loaded_vs_alone`` (batch completion toke
 alone; target >= 0.8); the result is their median over the repetitions, with min and max. Every
 request is greedy with EOS biased away, so it generates exactly its ``max_tokens``. Prompts are fresh
 in every phase; warm-up phases (idle, alone, loaded) run first. A phase with a failed request is
-void (its repetition gives no ratio). Batch tokens count the requests that completed within the
-phase; those still running at its end are cancelled and not counted, in every phase alike.
+void (its repetition gives no ratio). Batch tokens/s is time-weighted: at the phase's end batch
+clients send nothing new and finish what they started, and each request counts its tokens in the
+share of its duration that fell inside the phase. Counting only the requests that completed in the
+phase would move in waves: the batch clients' requests start and end together, a few per phase.
 
     python loadtests/bench_priority.py --json docs/bench/priority_cpu.json
     python loadtests/bench_priority.py --quick
@@ -165,14 +167,15 @@ class EngineClient:
 
 
 async def batch_client(h: Any, prompts: list[Any], args: argparse.Namespace, bias: dict[str, float],
-                       recs: list[dict[str, Any]]) -> None:
-    while prompts:
+                       recs: list[dict[str, Any]], stop: asyncio.Event) -> None:
+    while prompts and not stop.is_set():
         body = {"model": "bench", "prompt": prompts.pop(), "max_tokens": args.batch_max_tokens, "temperature": 0.0,
                 "logit_bias": bias, "priority": "batch"}
-        rec: dict[str, Any] = {"tokens": 0, "error": None}
+        rec: dict[str, Any] = {"tokens": 0, "error": None, "start": time.perf_counter(), "end": None}
+        recs.append(rec)
         if isinstance(h, EngineClient):
             await h.whole(body, rec)
-            recs.append(rec)
+            rec["end"] = time.perf_counter()
             continue
         try:
             r = await h.post("/v1/completions", json=body)
@@ -182,7 +185,18 @@ async def batch_client(h: Any, prompts: list[Any], args: argparse.Namespace, bia
                 rec["tokens"] = r.json()["usage"]["completion_tokens"]
         except Exception as e:  # noqa: BLE001
             rec["error"] = f"{type(e).__name__}: {e}"
-        recs.append(rec)
+        rec["end"] = time.perf_counter()
+
+
+def tokens_within(recs: list[dict[str, Any]], t0: float, t1: float) -> float:
+    """Batch tokens generated in [t0, t1]: each request's tokens times the share of its duration inside."""
+    total = 0.0
+    for r in recs:
+        if r["end"] is None or r["end"] <= r["start"]:
+            continue
+        inside = max(0.0, min(r["end"], t1) - max(r["start"], t0))
+        total += r["tokens"] * inside / (r["end"] - r["start"])
+    return total
 
 
 async def phase(base: str | EngineClient, name: str, args: argparse.Namespace, prompts: Prompts, bias: dict[str, float],
@@ -193,8 +207,9 @@ async def phase(base: str | EngineClient, name: str, args: argparse.Namespace, p
     i_recs: list[dict[str, Any]] = []
     b_recs: list[dict[str, Any]] = []
     clients = args.batch_clients + args.interactive_clients + 4
+    stop = asyncio.Event()
     async with _client(base, clients) as h:
-        tasks = []
+        tasks, batch_tasks = [], []
         if interactive:
             priority = "batch" if name == "loaded_fifo" else "interactive"
             for _ in range(args.interactive_clients):
@@ -202,22 +217,25 @@ async def phase(base: str | EngineClient, name: str, args: argparse.Namespace, p
                                                                     priority, i_recs)))
         if batch:
             for _ in range(args.batch_clients):
-                tasks.append(asyncio.create_task(batch_client(h, prompts.take(100), args, bias, b_recs)))
+                batch_tasks.append(asyncio.create_task(batch_client(h, prompts.take(100), args, bias, b_recs, stop)))
         t0 = time.perf_counter()
         await asyncio.sleep(seconds)
-        wall = time.perf_counter() - t0
-        for t in tasks:
+        t1 = time.perf_counter()
+        wall = t1 - t0
+        stop.set()
+        for t in tasks:  # interactive clients stop now; batch clients finish the request they are in
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*batch_tasks)
     errors = [r["error"] for r in i_recs + b_recs if r["error"]]
     ttfts = [r["ttft"] for r in i_recs if r["ttft"] is not None]
-    tokens = sum(r["tokens"] for r in b_recs)
+    tokens = tokens_within(b_recs, t0, t1)
     return {
         "phase": name, "wall_s": round(wall, 3), "void": bool(errors), "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "interactive_requests": len(i_recs), "interactive_ttft_p50_ms": _ms(percentile(ttfts, 50)),
         "interactive_ttft_p90_ms": _ms(percentile(ttfts, 90)),
-        "batch_requests": len(b_recs), "batch_tokens": tokens, "batch_tokens_per_s": tokens / wall if batch else None,
+        "batch_requests": len(b_recs), "batch_tokens": round(tokens, 1), "batch_tokens_per_s": tokens / wall if batch else None,
     }
 
 
