@@ -158,6 +158,12 @@ class ModelDeploymentConfig(BaseModel):
     def deployment_name(self) -> str:
         return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
 
+    def engine_config(self) -> EngineConfig:
+        """The engine's settings; its memory limit is the replica's memory_gb unless set on its own."""
+        if self.engine.memory_limit_gb is not None or self.memory_gb is None:
+            return self.engine
+        return self.engine.model_copy(update={"memory_limit_gb": self.memory_gb * 2**30 / 1e9})
+
     def ray_actor_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:

@@ -67,7 +67,7 @@ class ModelReplica:
         self.config = ModelDeploymentConfig.model_validate(config)
         events.setup("replica")
         self.observer = RayMetricsObserver()  # engine metrics through Ray (deployments.metrics)
-        self.engine = Engine(self.config.engine, observer=self.observer)
+        self.engine = Engine(self.config.engine_config(), observer=self.observer)
         self.observer.attach(self.engine)
         t0 = time.monotonic()
         source = self.config.model_source()

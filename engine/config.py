@@ -22,6 +22,11 @@ class EngineConfig(BaseModel):
     memory_budget_gb: float | None = Field(
         None, gt=0, description="Weights of all loaded models; the least recently used idle model is unloaded to fit a new one."
     )
+    memory_limit_gb: float | None = Field(
+        None, gt=0, description="Unified memory this engine's process may use: MLX's memory limit (and on Metal the "
+                                "wired limit), and admission keeps weights, the prompt cache and every admitted "
+                                "request's KV cache (prompt + max_tokens) inside it, so an oversubscribed Mac answers "
+                                "429 instead of swapping (engine/memory.py). A replica takes its memory_gb.")
     default_max_tokens: int = Field(512, ge=1)
     prompt_cache_gb: float = Field(0.5, ge=0.0, description="KV caches of earlier prompts kept for prefix reuse; 0 turns it off.")
     prompt_cache_entries: int = Field(64, ge=1)
@@ -45,3 +50,7 @@ class EngineConfig(BaseModel):
     @property
     def memory_budget_bytes(self) -> int | None:
         return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 1e9)
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return None if self.memory_limit_gb is None else int(self.memory_limit_gb * 1e9)

@@ -47,6 +47,7 @@ class LoadedModel:
     waiting: list = field(default_factory=list)  # heap of scheduler.Sequence
     running: dict[int, Any] = field(default_factory=dict)  # batch uid -> scheduler.Sequence
     lane_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # GPU time: [batch, speculative]
+    kv_per_token: int | None = None  # KV cache bytes per token (engine.memory), for memory admission
 
     @cached_property
     def chat(self) -> ChatFormat:

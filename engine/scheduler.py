@@ -25,7 +25,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
@@ -35,8 +35,9 @@ from .chat import Channel
 from .config import EngineConfig
 from .errors import (
     DeadlineExceededError, EngineError, EngineFailureError, ModelLoadError, ModelNotFoundError,
-    OverCapacityError,
+    OverCapacityError, RequestTooLargeError,
 )
+from .memory import MemoryBudget, apply_limits, kv_bytes_per_token, restore_limits
 from .models import (
     LoadedModel, detect_kind, estimate_bytes, load_draft_model, load_text_model, lru_victims, release, warmup,
 )
@@ -135,6 +136,7 @@ class GpuScheduler:
         self._by_request: dict[str, Sequence] = {}
         self._death_listeners: list[Callable[[BaseException], None]] = []
         self.observer = observer or EngineObserver()
+        self.memory = MemoryBudget(config.memory_limit_bytes)
         self._thread = threading.Thread(target=self._run, name="mlx-gpu-scheduler", daemon=True)
         self._thread.start()
 
@@ -172,7 +174,9 @@ class GpuScheduler:
 
     # -- the loop (GPU thread) ------------------------------------------------------------------
     def _run(self) -> None:
+        limits: dict[str, tuple[int, int]] = {}
         try:
+            limits = apply_limits(self.memory.limit)
             while True:
                 self._take_commands(block=not any(m.busy for m in self.models.values()))
                 now = time.monotonic()
@@ -194,6 +198,8 @@ class GpuScheduler:
                     listener(e)
                 except Exception:  # noqa: BLE001
                     log.exception("engine death listener failed")
+        finally:
+            restore_limits(limits)
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -336,6 +342,14 @@ class GpuScheduler:
             if (free_spec if speculative else free) < needed or (hold and not speculative):
                 deferred.append(seq)
                 continue
+            verdict = self._memory_verdict(m, seq)
+            if verdict == "failed":
+                continue
+            if verdict == "wait":
+                deferred.append(seq)
+                deferred += m.waiting  # no overtaking: a large request is not starved by smaller ones
+                m.waiting = []
+                break
             try:  # a vision model runs its vision tower here: a failure fails this request only
                 self._start(m, seq, speculative)
             except Exception as e:  # noqa: BLE001
@@ -348,6 +362,28 @@ class GpuScheduler:
             self.observer.on_admit(m.name, time.monotonic() - seq.submitted)
         for seq in deferred:
             heapq.heappush(m.waiting, seq)
+
+    def _kv_tokens(self, seq: Sequence) -> int:
+        return len(seq.prompt) + seq.request.sampling.max_tokens
+
+    def _memory_verdict(self, m: LoadedModel, seq: Sequence) -> Literal["admit", "wait", "failed"]:
+        """Whether ``seq``'s KV cache fits beside the weights and what is admitted (engine.memory).
+        One that could never fit is answered with 413 here ("failed")."""
+        if self.memory.limit is None:
+            return "admit"
+        weights = sum(x.nbytes for x in self.models.values())
+        need = self.memory.need(self._kv_tokens(seq) * len(seq.members), m.kv_per_token)
+        if self.memory.never_fits(weights, need):
+            self._finish(m, seq, RequestTooLargeError(
+                f"this request may need {need / 2**30:.2f} GiB of KV cache ({len(seq.prompt)} prompt tokens + "
+                f"max_tokens {seq.request.sampling.max_tokens}), more than this replica's memory limit of "
+                f"{self.memory.limit / 2**30:.2f} GiB leaves beside its weights; lower max_tokens or shorten the prompt",
+                param="max_tokens"))
+            return "failed"
+        reserved = sum(self.memory.need(self._kv_tokens(s), x.kv_per_token) for x in self.models.values()
+                       for s in [*x.running.values(), *x.speculative.values()])
+        cached = sum(x.prompt_cache.nbytes for x in self.models.values() if x.prompt_cache is not None)
+        return "admit" if self.memory.fits(weights, cached, reserved, need) else "wait"
 
     def _start(self, m: LoadedModel, seq: Sequence, speculative: bool) -> None:
         """Put ``seq`` into the speculative lane or the batch."""
@@ -658,6 +694,8 @@ class GpuScheduler:
         else:
             m = load_text_model(name, source, self._batch_kwargs(), adapter)
         m.source = str(spec)
+        if self.memory.limit is not None:
+            m.kv_per_token = kv_bytes_per_token(m.model if m.kind == "text" else m.model.language_model)
         if draft_source is not None:
             m.draft = load_draft_model(m, draft_source)
         if self.config.warmup:
