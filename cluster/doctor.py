@@ -11,7 +11,7 @@ import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Verdict = Literal["info", "ok", "fix"]
 GB = 1024**3
@@ -140,9 +140,10 @@ def ray_checks(dashboard: str | None, pids: list[int]) -> list[Check]:
 
 
 def inventory_checks(path: str | Path, labels_by_node: dict[str, dict[str, str]],
-                     memory_by_host: dict[str, float]) -> list[Check]:
-    """The inventory's hosts against the cluster's nodes (label ``host``), its plan, and each host's
-    memory for Ray against what the plan puts there."""
+                     memory_by_host: dict[str, float], models_by_host: dict[str, set[str]] | None = None) -> list[Check]:
+    """The inventory's hosts against the cluster's nodes (label ``host``), its plan, each host's
+    memory for Ray against what the plan puts there, and (``models_by_host``: the hub models in each
+    host's Hugging Face cache) whether each host holds the hub models planned on it."""
     from .fleet_cli import config_from_inventory, plan_errors
 
     try:
@@ -167,12 +168,34 @@ def inventory_checks(path: str | Path, labels_by_node: dict[str, dict[str, str]]
         verdict: Verdict = "ok" if have >= need else "fix"
         out.append(Check(f"memory on {host}", verdict, f"plan {need:.1f} GB, Ray may use {have:.1f} GB",
                          None if verdict == "ok" else "free memory on that Mac, or move a model (hosts:)"))
+    if models_by_host is not None:
+        out += _model_presence(path, fleet, planned, models_by_host)
     return out
 
 
-def cluster_view(address: str) -> tuple[dict[str, dict[str, str]], dict[str, float]]:
-    """Node labels and each host's memory for Ray (GB), from the running cluster."""
+def _model_presence(path: str | Path, fleet: Any, planned: Any, models_by_host: dict[str, set[str]]) -> list[Check]:
+    from engine.sources import is_hub_id
+
+    sources = {m.name: m.source for m in fleet.models}
+    absent: dict[str, list[str]] = {}
+    for a in planned.assignments:
+        source = sources[a.model]
+        if a.host in models_by_host and is_hub_id(source) and source not in models_by_host[a.host]:
+            absent.setdefault(source, []).append(a.host)
+    if not absent:
+        return [Check("models on hosts", "ok", "each host up holds the hub models planned on it")]
+    return [Check(f"{source} on hosts", "info", f"not in the Hugging Face cache of {', '.join(sorted(set(hosts)))}: "
+                  "their replicas download it when they start",
+                  f"download it once and copy it over the cluster: mlx-serving models pull {source} --inventory {path}")
+            for source, hosts in sorted(absent.items())]
+
+
+def cluster_view(address: str) -> tuple[dict[str, dict[str, str]], dict[str, float], dict[str, set[str]]]:
+    """Node labels, each host's memory for Ray (GB) and the hub models complete in each host's
+    Hugging Face cache, from the running cluster."""
     import ray
+
+    from .models_cli import hub_models_by_host
 
     ray.init(address=address, logging_level="ERROR")
     try:
@@ -183,7 +206,8 @@ def cluster_view(address: str) -> tuple[dict[str, dict[str, str]], dict[str, flo
             host = (n.get("Labels") or {}).get("host")
             if host:
                 memory[host] = memory.get(host, 0.0) + float((n.get("Resources") or {}).get("memory", 0.0)) / 1e9
-        return labels, memory
+        held = {host: {m["repo_id"] for m in models if m["complete"]} for host, models in hub_models_by_host().items()}
+        return labels, memory, held
     finally:
         ray.shutdown()
 
@@ -207,8 +231,8 @@ def run(inventory: str | None = None, address: str | None = None) -> int:
     checks += ray_checks(dashboard, pids)
     if inventory:
         where = address or (cluster.address if cluster else state.address if state else None)
-        labels, memory = cluster_view(where) if where else ({}, {})
-        checks += inventory_checks(inventory, labels, memory)
+        labels, memory, held = cluster_view(where) if where else ({}, {}, None)
+        checks += inventory_checks(inventory, labels, memory, held)
     lines, rc = report(checks)
     print(*lines, sep="\n")
     return rc

@@ -127,14 +127,22 @@ def _plan_errors() -> tuple[type[Exception], ...]:
     return fleet_cli.plan_errors()
 
 
+def hub_models_by_host(timeout_s: float = 60.0) -> dict[str, list[dict[str, Any]]]:
+    """host -> the hub models in its Hugging Face cache (``CacheWriter.models``), asked on every host at once."""
+    import ray
+
+    refs = {host: writer_on(host).models.remote() for host in sorted(alive_hosts())}
+    return {host: ray.get(ref, timeout=timeout_s) for host, ref in refs.items()}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     import ray
 
     ray.init(address=cluster_address(args.address), logging_level="ERROR")
     alive = alive_hosts()
     held: dict[tuple[str, str], dict[str, Any]] = {}
-    for host in sorted(alive):
-        for m in ray.get(writer_on(host).models.remote(), timeout=60):
+    for host, models in hub_models_by_host().items():
+        for m in models:
             row = held.setdefault((m["repo_id"], m["commit"]), {"refs": set(), "bytes": m["bytes"], "hosts": []})
             row["refs"].update(m["refs"])
             row["hosts"].append(host if m["complete"] else host + " (incomplete)")

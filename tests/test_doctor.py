@@ -72,3 +72,22 @@ def test_an_inventory_against_the_clusters_nodes_and_memory(tmp_path: Path) -> N
     assert short["nodes"].verdict == "ok" and short["memory on mini-1"].verdict == "fix"
     path.write_text(yaml.safe_dump({**inventory, "models": [{"name": "m", "source": "acme/m", "footprint_gb": 500}]}))
     assert doctor.inventory_checks(path, labels, {})[0].verdict == "fix"
+
+
+def test_doctor_says_which_hosts_lack_a_planned_hub_model(tmp_path: Path) -> None:
+    inventory: dict[str, Any] = {
+        "head": "studio-1",
+        "hosts": [{"name": "studio-1", "address": "127.0.0.2", "chip": "M2 Ultra", "memory_gb": 64},
+                  {"name": "mini-1", "address": "127.0.0.3", "chip": "M4", "memory_gb": 16}],
+        "models": [{"name": "m", "source": "acme/m", "replicas": 2, "footprint_gb": 6}],
+    }
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(inventory))
+    labels = {"n1": {"host": "studio-1"}, "n2": {"host": "mini-1"}}
+    memory = {"studio-1": 40.0, "mini-1": 10.0}
+    checks = {c.name: c for c in doctor.inventory_checks(path, labels, memory, {"studio-1": {"acme/m"}, "mini-1": set()})}
+    lacking = checks["acme/m on hosts"]
+    assert lacking.verdict == "info" and "mini-1" in lacking.detail and "studio-1" not in lacking.detail
+    assert lacking.fix == f"download it once and copy it over the cluster: mlx-serving models pull acme/m --inventory {path}"
+    held = {c.name: c for c in doctor.inventory_checks(path, labels, memory, {"studio-1": {"acme/m"}, "mini-1": {"acme/m"}})}
+    assert held["models on hosts"].verdict == "ok"
