@@ -258,7 +258,7 @@ class Engine:
         detail = "ok" if alive and not stuck else (f"GPU thread dead: {s.dead!r}" if not alive else f"GPU thread has not ticked for {since:.0f}s")
         return EngineHealth(
             alive=alive, stuck=stuck, healthy=alive and not stuck, detail=detail,
-            models=[m.name for m in models], active=sum(len(m.running) + len(m.speculative) for m in models),
+            models=[m.name for m in models], active=sum(len(m.active()) for m in models),
             waiting=sum(len(m.waiting) for m in models), cancelled_total=s.cancelled_total,
             submitted_total=s.submitted_total,
             seconds_since_tick=since,

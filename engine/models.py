@@ -48,6 +48,7 @@ class LoadedModel:
     running: dict[int, Any] = field(default_factory=dict)  # batch uid -> scheduler.Sequence
     lane_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # GPU time: [batch, speculative]
     kv_per_token: int | None = None  # KV cache bytes per token (engine.memory), for memory admission
+    solo: dict[str, Any] = field(default_factory=dict)  # request id -> the sequence decoding alone (engine.solo)
 
     @cached_property
     def chat(self) -> ChatFormat:
@@ -61,7 +62,11 @@ class LoadedModel:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running or self.speculative)
+        return bool(self.waiting or self.running or self.speculative or self.solo)
+
+    def active(self) -> list[Any]:
+        """Every admitted sequence: the batch's, the speculative lane's and the solo lane's."""
+        return [*self.running.values(), *self.speculative.values(), *self.solo.values()]
 
     def new_batch(self, batch_kwargs: dict[str, Any]) -> Any:
         """A fresh, empty batch of the right kind (after a failed step threw the old one away)."""
@@ -74,7 +79,7 @@ class LoadedModel:
     def info(self) -> ModelInfo:
         return ModelInfo(
             name=self.name, source=self.source, kind=self.kind, nbytes=self.nbytes, vocab_size=self.vocab_size,
-            loaded_at=self.loaded_at, active=len(self.running) + len(self.speculative), waiting=len(self.waiting),
+            loaded_at=self.loaded_at, active=len(self.active()), waiting=len(self.waiting),
             draft=self.draft is not None, prompt_cache_bytes=self.prompt_cache.nbytes if self.prompt_cache else 0,
         )
 

@@ -47,6 +47,7 @@ from .prompt_cache import PromptCache
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, RowGuard, Sampler
 from .scoring import score_prompt
+from .solo import SoloRun
 from .speculative import SpeculativeRun
 from .streams import RequestStream, Waker
 from .structured import GrammarProcessor
@@ -77,6 +78,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_draft: int = 0  # > 0: speculative decoding with the model's draft
     spec: SpeculativeRun | None = None
+    solo: SoloRun | None = None  # decoding alone (engine.solo) until a second request arrives
     vision: VisionInputs | None = None  # images and rendered prompt, for vision models
     guard: RowGuard = field(default_factory=RowGuard)  # this row's sampler / processor errors
     channel: Channel = "content"  # where the output starts: a thought the prompt opened, or the answer
@@ -113,7 +115,7 @@ class GpuThreadCrash(BaseException):
 def _batch_work_runs(m: LoadedModel) -> bool:
     """Whether batch-priority sequences decode: only then do interactive ones skip the admission window
     and take their first token alone (with every request interactive, they share prefill passes)."""
-    return any(s.request.priority == "batch" for s in m.running.values())
+    return any(s.request.priority == "batch" for s in m.active())
 
 
 def _speculative(seq: Sequence, m: LoadedModel) -> bool:
@@ -132,6 +134,8 @@ class GpuScheduler:
         self.cancelled_total = 0  # sequences dropped because their consumer went away
         self.submitted_total = 0  # requests handed to this thread (the ingress's QoS tests count on it)
         self.first_tokens_alone = 0  # interactive first tokens answered from a prefill of their own (_first_token_alone)
+        self.solo_started = 0  # sequences that began in the solo lane (engine.solo)
+        self.solo_handovers = 0  # ... and moved to the batch when another request came
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
         self._death_listeners: list[Callable[[BaseException], None]] = []
@@ -245,7 +249,7 @@ class GpuScheduler:
             return
         if seq.stream.closed:
             return
-        free_slots = max(0, self.config.max_batch_size - len(m.running))
+        free_slots = max(0, self.config.max_batch_size - len(m.running) - len(m.solo))
         if len(m.waiting) >= self.config.max_waiting + free_slots:
             seq.stream.push(OverCapacityError(
                 f"model {m.name!r} has {len(m.waiting)} requests waiting", retry_after=1.0))
@@ -279,6 +283,9 @@ class GpuScheduler:
             m.running.pop(seq.uid, None)
         if seq.spec is not None and m.speculative.pop(seq.key, None) is not None:
             seq.spec.close()
+        if seq.solo is not None:
+            m.solo.pop(seq.key, None)
+            seq.solo = None
         if error is not None:
             self.observer.on_error(m.name, error.code)
             seq.stream.push(error)
@@ -311,7 +318,7 @@ class GpuScheduler:
             heapq.heapify(m.waiting)
             self._finish(m, seq, DeadlineExceededError("deadline passed while the request waited in the queue"))
         dropped = []
-        for seq in [*m.running.values(), *m.speculative.values()]:
+        for seq in m.active():
             try:
                 if seq.deadline and seq.deadline <= now:
                     dropped.append((seq, DeadlineExceededError("deadline passed during generation")))
@@ -331,7 +338,7 @@ class GpuScheduler:
 
     def _admit(self, m: LoadedModel) -> None:
         """Admit in priority order; a request whose lane is full waits without blocking the other lane."""
-        free = self.config.max_batch_size - len(m.running)
+        free = self.config.max_batch_size - len(m.running) - len(m.solo)  # a solo sequence holds its batch slot
         free_spec = self.config.max_speculative - len(m.speculative) if m.draft is not None else 0
         hold = self._hold_prefill(m, free)
         deferred = []
@@ -381,7 +388,7 @@ class GpuScheduler:
                 param="max_tokens"))
             return "failed"
         reserved = sum(self.memory.need(self._kv_tokens(s), x.kv_per_token) for x in self.models.values()
-                       for s in [*x.running.values(), *x.speculative.values()])
+                       for s in x.active())
         cached = sum(x.prompt_cache.nbytes for x in self.models.values() if x.prompt_cache is not None)
         return "admit" if self.memory.fits(weights, cached, reserved, need) else "wait"
 
@@ -401,7 +408,7 @@ class GpuScheduler:
             self._start_group(m, seq, cache, cached)
             return
         seq.cached_tokens = self._reused(seq, cached)
-        if self._first_token_alone(m, seq, cache, cached):
+        if self._start_solo(m, seq, cache, cached) or self._first_token_alone(m, seq, cache, cached):
             return
         prompt = seq.vision if seq.vision is not None else seq.prompt[cached:]
         seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors, cache=cache,
@@ -424,6 +431,20 @@ class GpuScheduler:
                 or not _batch_work_runs(m)
                 or any(isinstance(getattr(x, "inner", x), GrammarProcessor) for x in seq.processors)):
             return False
+        cache, first, logprobs = self._first_token(m, seq, cache, cached)
+        reason = "stop" if first in m.eos_ids else "length" if p.max_tokens <= 1 else None
+        self.first_tokens_alone += 1
+        done = self._deliver(m, seq, StepResult(-1, first, logprobs, reason), time.monotonic())
+        self.waker.flush()  # its reader wakes now, not after the batch step this turn still runs
+        if not done:
+            seq.uid = m.batch.insert([first], p.max_tokens - 1, seq.sampler, seq.processors, cache=cache,
+                                     cached_tokens=seq.prompt)
+            m.running[seq.uid] = seq
+        return True
+
+    def _first_token(self, m: LoadedModel, seq: Sequence, cache: list[Any] | None,
+                     cached: int) -> tuple[list[Any], int, mx.array]:
+        """Prefill ``seq``'s prompt on its own and sample its first token: (cache, token, logprobs)."""
         stream = m.batch.stream
         cache, logits = first_logits(m.model, seq.prompt[cached:], cache, stream, self.config.prefill_step_size)
         with mx.stream(stream):
@@ -435,16 +456,55 @@ class GpuScheduler:
             mx.eval(token, logprobs)
         if seq.guard.error is not None:
             raise seq.guard.error
-        first = int(token.item())
-        reason = "stop" if first in m.eos_ids else "length" if p.max_tokens <= 1 else None
-        self.first_tokens_alone += 1
-        done = self._deliver(m, seq, StepResult(-1, first, logprobs[0], reason), time.monotonic())
-        self.waker.flush()  # its reader wakes now, not after the batch step this turn still runs
-        if not done:
-            seq.uid = m.batch.insert([first], p.max_tokens - 1, seq.sampler, seq.processors, cache=cache,
-                                     cached_tokens=seq.prompt)
-            m.running[seq.uid] = seq
+        return cache, int(token.item()), logprobs[0]
+
+    def _start_solo(self, m: LoadedModel, seq: Sequence, cache: list[Any] | None, cached: int) -> bool:
+        """A request with nothing beside it decodes in the solo lane (engine.solo) until another one
+        arrives. True when started this way (or already ended with its first token)."""
+        p = seq.request.sampling
+        if (m.kind != "text" or seq.vision is not None or p.max_tokens <= 1 or m.waiting or m.active()
+                or any(isinstance(getattr(x, "inner", x), GrammarProcessor) for x in seq.processors)):
+            return False
+        cache, first, logprobs = self._first_token(m, seq, cache, cached)
+        reason = "stop" if first in m.eos_ids else None
+        if self._deliver(m, seq, StepResult(-1, first, logprobs, reason, cache, list(seq.prompt)), time.monotonic()):
+            return True
+        self.waker.flush()  # the first token leaves before the next step is even queued
+        seq.solo = SoloRun(m.model, cache, seq.prompt, first, max_tokens=p.max_tokens, sampler=seq.sampler,
+                           processors=seq.processors, stream=m.batch.stream)
+        m.solo[seq.key] = seq
+        self.solo_started += 1
         return True
+
+    def _step_solo(self, m: LoadedModel) -> None:
+        """One token for the solo sequence; once another request is admitted, the token in flight is
+        delivered and the sequence joins the batch (first in its prefill queue: one token to feed)."""
+        for seq in list(m.solo.values()):
+            run = seq.solo
+            assert run is not None
+            join = bool(m.running or m.speculative)  # a newcomer was admitted (one held by the window is not yet)
+            t0 = time.monotonic()
+            try:
+                token, logprobs = run.step(queue_next=not join)
+                if seq.guard.error is not None:
+                    raise seq.guard.error
+                reason = "stop" if token in m.eos_ids else "length" if run.generated >= run.max_tokens else None
+                now = time.monotonic()
+                done = self._deliver(m, seq, StepResult(-1, token, logprobs, reason, run.cache, run.cache_tokens()), now)
+                self.observer.on_step(m.name, 1, now - t0, 1, len(m.waiting))
+                if done or not join:
+                    continue
+                cache, held, nxt = run.hand_over()
+                m.solo.pop(seq.key)
+                seq.solo = None
+                seq.uid = m.batch.insert([nxt], run.max_tokens - run.generated, seq.sampler, seq.processors,
+                                         cache=cache, cached_tokens=held, first=True)
+                m.running[seq.uid] = seq
+                self.solo_handovers += 1
+            except Exception as e:  # noqa: BLE001 - fail this request only
+                m.solo.pop(seq.key, None)
+                seq.solo = None
+                self._fail_seq(m, seq, e, "decoding alone")
 
     def _prefix(self, m: LoadedModel, seq: Sequence) -> tuple[list[Any] | None, int]:
         """A KV cache of the prompt's first tokens and how many it holds: from scoring the prompt when its
@@ -507,7 +567,7 @@ class GpuScheduler:
         waits on; with only interactive work, the default, there is no one to overtake).
         """
         window = self.config.admission_window_ms / 1000.0
-        if window <= 0 or not m.running or free <= 0:
+        if window <= 0 or not (m.running or m.solo) or free <= 0:
             return False
         text = [s for s in m.waiting if not _speculative(s, m)]
         if not text or len(text) >= min(self.config.prefill_batch_size, free) or (
@@ -516,6 +576,8 @@ class GpuScheduler:
         return time.monotonic() - min(s.submitted for s in text) < window
 
     def _step(self, m: LoadedModel) -> None:
+        if m.solo:
+            self._step_solo(m)
         if not (m.speculative and m.running):  # shares count only while both lanes have work
             m.lane_seconds[:] = [0.0, 0.0]
         if m.speculative and self._speculative_turn(m):
@@ -637,11 +699,12 @@ class GpuScheduler:
     def _fail_all(self, err: EngineError) -> None:
         self.waker.flush()  # a consumer with a wake-up still due would never hear the error otherwise
         for m in self.models.values():
-            for seq in [*m.waiting, *m.running.values(), *m.speculative.values()]:
+            for seq in [*m.waiting, *m.active()]:
                 seq.stream.push(err)  # a stream that got tokens already ends with this error event
             m.waiting.clear()
             m.running.clear()
             m.speculative.clear()
+            m.solo.clear()
         self._by_request.clear()
         while True:
             try:
@@ -711,7 +774,7 @@ class GpuScheduler:
         if m is None:
             return False
         err = ModelNotFoundError(f"model {name!r} was unloaded", param="model")
-        for seq in [*m.waiting, *m.running.values(), *m.speculative.values()]:
+        for seq in [*m.waiting, *m.active()]:
             self._finish(m, seq, err)
         release(m)
         self.observer.on_unload(name)

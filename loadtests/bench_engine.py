@@ -14,7 +14,10 @@ bias of -100 (the same logits processor in all three paths), so no request stops
 path does the same amount of work. Aggregate tokens/s = generated tokens / wall time of the level.
 TTFT is measured per request from its submission to its first generated token. The engine and the
 bare BatchGenerator run back to back for each level (never at the same time: the other one is
-idle), so a machine that others share slows both alike; ``--repeat`` keeps the best of several runs.
+idle), so a machine that others share slows both alike. Each of ``--repeat`` repetitions (default
+5) measures every path once per level with prompts no earlier run used, the sequential path too;
+each ratio is computed per repetition and reported as the median with its min and max, and the
+table shows each path's median run.
 
 On Linux, MLX's CPU wheel uses netlib's reference BLAS (batching gains nothing there); this script
 re-executes itself with OpenBLAS preloaded when it is installed (``--no-openblas`` to skip) and says
@@ -42,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make ``loadtests`` importable
 
 from loadtests.common import (  # noqa: E402
     blas_description, ensure_model, machine_info, make_prompts, model_description, percentile,
-    print_table, reexec_with_openblas, write_json,
+    print_table, reexec_with_openblas, write_json, spread,
 )
 
 PATHS = ("engine", "batchgen", "sequential")
@@ -62,9 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, help="fewest requests per level (default 8; --quick: 4)")
     p.add_argument("--sequential-requests", type=int,
                    help="requests for the sequential path (default 8; --quick: 2)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="measure each (path, level) this many times, alternating the order of engine and "
-                        "BatchGenerator, and report the best run (use 2-3 on a machine others share)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="repetitions: each measures every path once per level (fresh prompts), in an order that "
+                        "alternates; ratios are per repetition, reported as their median with min-max (default 5)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)}")
     p.add_argument("--max-batch-size", type=int, help="engine max_batch_size and BatchGenerator "
                    "completion_batch_size (default: EngineConfig's, at least the highest level)")
@@ -302,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeat):
             blocks[level, rep] = (nxt, nxt + requests_for(level, args))
             nxt += requests_for(level, args)
-    seq_block = (warm_level, warm_level + args.sequential_requests)
-    texts = make_prompts(max(nxt, seq_block[1]))
+    seq_blocks = {rep: (nxt + rep * args.sequential_requests, nxt + (rep + 1) * args.sequential_requests)
+                  for rep in range(args.repeat)}
+    texts = make_prompts(nxt + args.repeat * args.sequential_requests)
     prompts = [list(tokenizer.encode(t)) for t in texts]
     plens = [len(p) for p in prompts]
 
@@ -331,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         "closed_loop": "each of N consumers sends its next request when its previous one finishes",
         "warmup": f"each path runs {warm_level} requests of 8 tokens (sequential: 1 request) before timing",
         "repeat": args.repeat,
-        "order": "sequential first; then per level BatchGenerator and engine back to back (order alternating "
-                 "between repeats); the best run per (path, level) is reported",
+        "order": "per repetition: sequential, then per level BatchGenerator and engine back to back (their "
+                 "order alternating between repetitions); ratios per repetition, median with min-max",
         "paths": args.paths,
         "quick": args.quick,
         "blas": blas,
@@ -341,36 +345,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(prompts)} distinct prompts of {min(plens)}-{max(plens)} tokens; {args.max_tokens} generated "
           f"tokens per request (greedy; EOS ids {eos_ids} biased by -100 so none stops early)", flush=True)
 
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}  # path -> level -> one summary per repetition
     token_ids: dict[str, dict[int, list[int]]] = {}
 
     def measure(name: str, level: int | None, fn) -> dict[str, Any]:
-        """Run one timed measurement and keep the best (highest tokens/s) per (path, level)."""
+        """Run one timed measurement; every repetition's is kept."""
         l0 = load1()
         wall, cpu, reqs = fn()
         s = summarize(name, level, wall, cpu, reqs, (l0, load1()))
         key = "all" if level is None else str(level)
-        best = results.setdefault(name, {}).get(key)
-        runs = (best["runs_tokens_per_s"] if best else []) + [round(s["tokens_per_s"], 2)]
+        runs.setdefault(name, {}).setdefault(key, []).append(s)
         token_ids.setdefault(name, {}).update({r["index"]: r["ids"] for r in reqs})
-        if best is None or s["tokens_per_s"] > best["tokens_per_s"]:
-            best = s
-        best["runs_tokens_per_s"] = runs
-        results[name][key] = best
         label = f"{name:<10} c={key:<3}" if level is not None else f"{name:<16}"
         print(f"  {label} {s['tokens_per_s']:8.1f} tok/s  ({len(reqs)} requests, {wall:.1f}s, "
               f"{s['cpu_ms_per_token']:.1f} ms CPU/token, load {l0}->{s['load_1m']['end']})", flush=True)
         return s
 
-    # (c) sequential, on the main thread (mlx-lm's thread-local generation stream).
+    # (c) sequential on the main thread (mlx-lm's thread-local generation stream), (b) the bare
+    # BatchGenerator on the main thread with a stream made here, (a) the engine on its own GPU
+    # thread: one runs while the others are idle, interleaved per repetition so that all see the
+    # same machine (others may share it). Every path is warmed up alike first.
     if "sequential" in args.paths:
         run_sequential(model, tokenizer, warm[:1], 8, bias)  # warm-up
-        for _ in range(args.repeat):
-            measure("sequential", None, lambda: run_sequential(model, tokenizer, work(seq_block), args.max_tokens, bias))
-
-    # (b) and (a), interleaved per level so that both see the same machine (others may share it):
-    # the bare BatchGenerator on the main thread with a stream made here, the engine on its own
-    # GPU thread; one runs while the other is idle. The order alternates between repetitions.
     bare = eng = None
     if "batchgen" in args.paths:
         bare = BareBatch(model, eos_ids, bias, cfg)
@@ -380,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  engine: model loaded and warmed up by the engine in {eng.load_s:.1f}s", flush=True)
         eng.run(warm, warm_level, 8, bias)  # warm-up
     try:
-        for level in args.levels:
-            for rep in range(args.repeat):
+        for rep in range(args.repeat):
+            if "sequential" in args.paths:
+                measure("sequential", None,
+                        lambda: run_sequential(model, tokenizer, work(seq_blocks[rep]), args.max_tokens, bias))
+            for level in args.levels:
                 block = work(blocks[level, rep])
                 order = (bare and "batchgen", eng and "engine")
                 for name in order if rep % 2 == 0 else order[::-1]:
@@ -397,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     del model, bare
     gc.collect()
     mx.clear_cache()
+    # The table shows each (path, level)'s median run; the ratios below are per repetition.
+    results = {name: {key: {**sorted(xs, key=lambda x: x["tokens_per_s"])[len(xs) // 2],
+                            "runs_tokens_per_s": [round(x["tokens_per_s"], 2) for x in xs]}
+                      for key, xs in levels.items()} for name, levels in runs.items()}
 
     # -- report -----------------------------------------------------------------------------------
     short = [f"{r['path']}@{r['concurrency']}: {r['tokens_per_request']}" for v in results.values()
@@ -411,23 +414,27 @@ def main(argv: list[str] | None = None) -> int:
                          s["ttft_ms"]["p99"], s["load_1m"]["start"]])
     print()
     print(f"BLAS: {blas}   model: {model_info['name']} {model_info['params'] / 1e6:.1f}M {model_info['dtype']}   "
-          f"max_tokens: {args.max_tokens}   repeat: {args.repeat} (best run shown)")
+          f"max_tokens: {args.max_tokens}   repetitions: {args.repeat} (median run shown)")
     table = print_table(["path", "concurrency", "requests", "tokens", "wall s", "CPU ms/tok", "tokens/s",
                          "TTFT p50 ms", "TTFT p99 ms", "load 1m"], rows)
 
-    def tps(name: str, level: int | None) -> float | None:
-        s = results.get(name, {}).get("all" if level is None else str(level))
-        return s["tokens_per_s"] if s else None
+    def tps(name: str, level: int | None, rep: int) -> float | None:
+        xs = runs.get(name, {}).get("all" if level is None else str(level), [])
+        return xs[rep]["tokens_per_s"] if rep < len(xs) else None
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return round(a / b, 3) if a is not None and b else None
 
-    seq = tps("sequential", None)
-    ratios: dict[str, float | None] = {}
-    for level in args.levels:
-        ratios[f"engine_vs_batchgenerator_c{level}"] = ratio(tps("engine", level), tps("batchgen", level))
-        ratios[f"engine_c{level}_vs_sequential"] = ratio(tps("engine", level), seq)
-        ratios[f"batchgenerator_c{level}_vs_sequential"] = ratio(tps("batchgen", level), seq)
+    per_rep: list[dict[str, float | None]] = []
+    for rep in range(args.repeat):
+        seq, r = tps("sequential", None, rep), {}
+        for level in args.levels:
+            r[f"engine_vs_batchgenerator_c{level}"] = ratio(tps("engine", level, rep), tps("batchgen", level, rep))
+            r[f"engine_c{level}_vs_sequential"] = ratio(tps("engine", level, rep), seq)
+            r[f"batchgenerator_c{level}_vs_sequential"] = ratio(tps("batchgen", level, rep), seq)
+        per_rep.append(r)
+    ratios_summary = {k: spread([r[k] for r in per_rep]) for k in per_rep[0]}
+    ratios: dict[str, float | None] = {k: v["median"] for k, v in ratios_summary.items()}
     top = 32 if 32 in args.levels else max(args.levels)
     targets = {
         f"engine_vs_batchgenerator_c{top}": {
@@ -456,9 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{sum(token_ids['sequential'][i] == token_ids[name][i] for i in common_idx)}/{len(common_idx)}")
 
     print()
-    for k, v in ratios.items():
-        if v is not None:
-            print(f"{k:38s} {v:6.3f}")
+    for k, v in ratios_summary.items():
+        if v["median"] is not None:
+            print(f"{k:38s} {v['median']:6.3f}  ({v['min']:.3f}-{v['max']:.3f}, {v['n']} repetitions)")
     for k, t in targets.items():
         state = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
         print(f"target {k:31s} >= {t['target']:<4} {state}")
@@ -488,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             "settings": settings,
             "results": results,
             "ratios": ratios,
+            "ratios_per_repetition": per_rep,
+            "ratios_summary": ratios_summary,
             "targets": targets,
             "consistency": consistency,
             "table": table,

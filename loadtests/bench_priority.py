@@ -34,7 +34,6 @@ import contextlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ if __package__ in (None, ""):
 
 from loadtests.common import (  # noqa: E402
     corpus_sentences, ensure_model, machine_info, make_prompts, percentile, print_table, reexec_with_openblas,
-    write_json,
+    write_json, spread,
 )
 
 TARGETS = {"interactive_ttft_p50_loaded_vs_idle": ("<=", 1.5), "batch_tokens_loaded_vs_alone": (">=", 0.8)}
@@ -274,12 +273,6 @@ def ratios_of(rep: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def summary(values: list[float | None]) -> dict[str, Any]:
-    xs = [v for v in values if v is not None]
-    return {"median": statistics.median(xs) if xs else None, "min": min(xs, default=None),
-            "max": max(xs, default=None), "n": len(xs), "values": values}
-
-
 def start_server(model_dir: Path, args: argparse.Namespace) -> str:
     import ray
     from ray import serve
@@ -324,7 +317,7 @@ async def run_all(base: str | EngineClient, args: argparse.Namespace, bias: dict
                   f"{p['batch_tokens_per_s'] or 0:8.1f} tok/s  errors {p['errors']}", flush=True)
         reps.append(rep)
     per_rep = [ratios_of(r) for r in reps]
-    ratios = {k: summary([r[k] for r in per_rep]) for k in per_rep[0]}
+    ratios = {k: spread([r[k] for r in per_rep]) for k in per_rep[0]}
     return {"repetitions": reps, "ratios_per_repetition": per_rep, "ratios_summary": ratios}
 
 

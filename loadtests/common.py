@@ -148,6 +148,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """A ratio over repetitions, as docs/benchmarks.md reports it: the median with its min and max
+    (repetitions without a value, e.g. a void phase, are left out and listed as None)."""
+    import statistics
+
+    xs = [v for v in values if v is not None]
+    return {"median": statistics.median(xs) if xs else None, "min": min(xs, default=None),
+            "max": max(xs, default=None), "n": len(xs), "values": list(values)}
+
+
 def fmt(v: Any, digits: int = 1) -> str:
     if v is None:
         return "-"

@@ -351,7 +351,7 @@ def test_an_interactive_prompt_under_load_gets_its_first_token_from_a_prefill_of
         await e.load_model("tiny", str(tiny_model_dir))
         no_eos = {next(iter(e._model("tiny").eos_ids)): -100.0}
         alone = await e.complete(req("tiny", PROMPTS[2], 12, logprobs=True, top_logprobs=2))
-        assert e._scheduler.first_tokens_alone == 0  # nothing else decoding: the batch path
+        assert e._scheduler.first_tokens_alone == 0  # nothing else decoding: the solo lane
         peer = asyncio.ensure_future(e.complete(req("tiny", PROMPTS[0], 2000, logit_bias=no_eos)))
         while e.health().active == 0:
             await asyncio.sleep(0.01)
@@ -361,8 +361,7 @@ def test_an_interactive_prompt_under_load_gets_its_first_token_from_a_prefill_of
         batch_work = req("tiny", PROMPTS[1], 2000, logit_bias=no_eos)
         batch_work["priority"] = "batch"
         blocker = asyncio.ensure_future(e.complete(batch_work))
-        while e.health().active < 1 or not any(
-                s.request.priority == "batch" for s in e._model("tiny").running.values()):
+        while e.health().active < 1 or not any(s.request.priority == "batch" for s in e._model("tiny").active()):
             await asyncio.sleep(0.01)
         out = []
         for priority in ("interactive", "batch"):
@@ -598,3 +597,36 @@ def test_draft_model_greedy_output_is_identical_and_acceptance_is_reported(tiny_
     asyncio.run(go())
     for e in (spec, plain):
         asyncio.run(e.shutdown(1))
+
+
+def test_a_lone_request_decodes_alone_and_joins_the_batch_when_another_comes(tiny_model_dir: Path) -> None:
+    """The solo lane (engine.solo): a request with nothing beside it decodes on its own; when a second
+    one is admitted it moves into the batch mid-answer. Each says exactly what it says alone (greedy,
+    and seeded sampling with logit_bias and a repetition penalty): no token lost, doubled or changed."""
+    e = Engine(EngineConfig(max_batch_size=4, warmup=False, prompt_cache_gb=0))
+
+    async def go() -> None:
+        await e.load_model("tiny", str(tiny_model_dir))
+        no_eos = {next(iter(e._model("tiny").eos_ids)): -100.0}
+        first = req("tiny", PROMPTS[0], 120, logit_bias=no_eos, logprobs=True, repetition_penalty=1.2)
+        sampled = req("tiny", PROMPTS[3], 40, temperature=1.0, seed=11, repetition_penalty=1.3, logit_bias=no_eos)
+        alone = [await e.complete(first), await e.complete(sampled)]
+        assert e._scheduler.solo_started == 2 and e._scheduler.solo_handovers == 0
+
+        long = asyncio.ensure_future(e.complete(first))
+        while not e._model("tiny").solo:
+            await asyncio.sleep(0.001)
+        for _ in range(20):  # let it decode a few tokens alone
+            await asyncio.sleep(0.002)
+        beside = await e.complete(sampled)
+        together = [await long, beside]
+        assert e._scheduler.solo_handovers == 1 and e._scheduler.solo_started == 3
+        for a, b in zip(alone, together):
+            assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
+        assert [round(x.logprob, 4) for x in together[0].logprobs] == [round(x.logprob, 4) for x in alone[0].logprobs]
+        assert together[0].usage.completion_tokens == 120
+
+    try:
+        run(go())
+    finally:
+        run(e.shutdown(1))
