@@ -271,7 +271,7 @@ class GpuScheduler:
         if seq.uid is not None:
             m.batch.remove([seq.uid])
             m.running.pop(seq.uid, None)
-        elif seq.spec is not None:
+        elif seq.spec is not None or seq.solo is not None:
             self._finish(m, seq)
         elif seq in m.waiting:
             m.waiting.remove(seq)

@@ -626,6 +626,20 @@ def test_a_lone_request_decodes_alone_and_joins_the_batch_when_another_comes(tin
         assert [round(x.logprob, 4) for x in together[0].logprobs] == [round(x.logprob, 4) for x in alone[0].logprobs]
         assert together[0].usage.completion_tokens == 120
 
+        # A solo sequence whose consumer goes away is cancelled once, and its lane is free again.
+        before = e._scheduler.cancelled_total
+        stream = e.generate(first)
+        await stream.__anext__()
+        while not e._model("tiny").solo:  # the lane opens just after the first token leaves
+            await asyncio.sleep(0.001)
+        await stream.aclose()
+        for _ in range(200):
+            if e.health().active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert e.health().active == 0 and not e._model("tiny").solo
+        assert e._scheduler.cancelled_total == before + 1
+
     try:
         run(go())
     finally:
