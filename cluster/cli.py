@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +29,47 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_file(path: str) -> tuple[str, list[str], list[str]]:
+    """``(what the file is, problems, warnings)``: a fleet inventory (a top-level ``hosts:``) is
+    checked as one (``mlx-serving plan`` reads those), anything else as a Serve config."""
+    import yaml
+
+    from .inventory import FleetError, parse_fleet
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        return "file", [str(e)], []
+    if isinstance(data, dict) and "hosts" in data and "applications" not in data:
+        try:
+            fleet = parse_fleet(data, path)
+        except FleetError as e:
+            return "fleet inventory", [f"{loc or '<root>'}: {msg}" for loc, msg in e.problems], []
+        return f"fleet inventory: {len(fleet.hosts)} host(s), {len(fleet.models)} model(s)", [], []
+    if not isinstance(data, dict):
+        return "file", [f"the top level must be a mapping: `applications:` (a Serve config) or `hosts:` "
+                        f"(a fleet inventory), not {type(data).__name__}"], []
+    # A warning, not an error: the key may come from MLX_SERVING_API_KEYS when `mlx-serving up` runs
+    # (validate cannot see that environment), and `up` refuses the bind itself if it does not.
+    try:
+        warning = exposure.http_bind_problem(data, allowed_by_flag=False, at_up=False)
+        return "Serve config", serve_config.problems(data), [warning] if warning else []
+    except ValueError as e:
+        return "Serve config", [str(e)], []
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.files:
-        warnings: list[str] = []
-        try:
-            config = serve_config.load(path)
-            found = serve_config.problems(config)
-            # A warning, not an error: the key may come from MLX_SERVING_API_KEYS when `mlx-serving up` runs
-            # (validate cannot see that environment), and `up` refuses the bind itself if it does not.
-            warnings = [w for w in [exposure.http_bind_problem(config, allowed_by_flag=False, at_up=False)] if w]
-        except (OSError, ValueError) as e:
-            found = [str(e)]
+        kind, found, warnings = _check_file(path)
         if found:
             bad += 1
             print(f"{path}: {len(found)} problem(s)")
         else:
-            print(f"{path}: ok" + (f" ({len(warnings)} warning(s))" if warnings else ""))
+            notes = [kind] if kind.startswith("fleet") else []
+            notes += [f"{len(warnings)} warning(s)"] if warnings else []
+            print(f"{path}: ok" + (f" ({'; '.join(notes)})" if notes else ""))
         for p in found:
             print(f"  - {p}")
         for w in warnings:
@@ -105,20 +131,62 @@ def _ray_cluster(args: argparse.Namespace, config: dict[str, Any], cluster: node
             print("proxy_location: HeadOnly (simulated hosts share this machine)")
         fleet_cli.warn_missing_hosts(cluster.address, config)
         return cluster.address, cluster.dashboard_url, started_head
-    if (existing := local.existing_cluster()) is not None:
+    if (existing := local.existing_cluster(say=_say)) is not None:
         (address, auth_env), dashboard = existing, args.dashboard
         os.environ.update(auth_env)
         nodes.refresh_ray_auth()
         print(f"using the Ray cluster already running on this machine ({address})")
         return address, dashboard, False
-    print("starting a Ray head on this machine ...", flush=True)
+    print(f"starting a Ray head on this machine (GCS 127.0.0.1:{args.ray_port}, dashboard "
+          f"127.0.0.1:{args.dashboard_port}) ...", flush=True)
+    t0 = time.monotonic()
     try:
         head = fleet_cli.start_local_head(port=args.ray_port, dashboard_port=args.dashboard_port,
                                           num_cpus=args.num_cpus, timeout=180.0)
     except (RuntimeError, TimeoutError) as e:
         print(f"could not start Ray: {e}", file=sys.stderr)
         return None
+    print(f"Ray head up in {time.monotonic() - t0:.0f} s", flush=True)
     return head.address, head.dashboard_url, True
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _ray_client_env(dashboard: str, cluster: nodes.ClusterState | None) -> dict[str, str]:
+    """What a shell needs for Ray's own CLI (`serve deploy FILE`, `serve status`, `ray status`) to
+    reach the cluster ``up`` deployed onto (``cluster``: the one recorded here, if it is that one).
+    Ray's CLI sends the token only with ``RAY_AUTH_MODE=token`` (Ray 2.60 has no other switch, and
+    the dashboard accepts no request without it); and `serve` looks for the dashboard at
+    localhost:8265 unless told."""
+    env = cluster.client_env() if cluster is not None else {
+        k: v for k, v in os.environ.items() if k in (nodes.AUTH_MODE_ENV, nodes.TOKEN_PATH_ENV, nodes.OSX_CLUSTER_ENV)}
+    if exposure.ray_auth_mode(dashboard) == "token":
+        env[nodes.AUTH_MODE_ENV] = "token"
+    if dashboard.rstrip("/") not in (f"http://{h}:{local.DEFAULT_DASHBOARD_PORT}" for h in ("127.0.0.1", "localhost")):
+        env["RAY_DASHBOARD_ADDRESS"] = dashboard.rstrip("/")
+    return env
+
+
+def _model_phases(config: dict[str, Any]) -> None:
+    """Build the demo models here, before the replicas look for them (errors show now, not in a
+    replica log), and say where every other model comes from."""
+    from engine import sources
+
+    seen: set[str] = set()
+    for a in serve_config.app_args(config):
+        for m in a.get("models", []):
+            src = str(m.get("source", ""))
+            if src in seen:
+                continue
+            seen.add(src)
+            if sources.is_demo(src):
+                print(f"demo model {src} at {sources.demo_dir(src)} (built offline if missing) ...", flush=True)
+                sources.resolve(src)
+            elif sources.is_hub_id(src):
+                print(f"model {m.get('name')}: {src} loads from the Hugging Face cache of the host that runs each "
+                      "replica, downloaded there first if missing (progress below)", flush=True)
 
 
 def _print_security(deployed: dict[str, Any], dashboard: str, http: dict[str, Any], detail: bool) -> None:
@@ -179,23 +247,20 @@ def _cmd_up(args: argparse.Namespace, prepared: tuple[Path | str, dict[str, Any]
     if previous is not None and not started_head:
         started_head = previous.started_head
 
-    from engine import sources
-
-    for a in serve_config.app_args(config):  # build demo models here first: errors show up now, not in a replica log
-        for m in a.get("models", []):
-            if sources.is_demo(m.get("source", "")):
-                print(f"demo model {m['source']} at {sources.resolve(m['source'])}")
+    _model_phases(config)
 
     print(f"deploying {path} ...", flush=True)
     deployed = serve_config.for_deploy(config)  # routes and key hashes into user_configs: edits apply live
     local.deploy(dashboard, deployed)
     app_names = [a.get("name", "default") for a in config["applications"]]
+    ray_env = _ray_client_env(dashboard, None if args.address else fleet_cli.live_state())
+    auth_env = {k: v for k, v in ray_env.items() if k != "RAY_DASHBOARD_ADDRESS"}
     local.write_state(local.UpState(started_head=started_head, address=address, dashboard_url=dashboard,
-                                    app_names=app_names, http_url=http_url))
+                                    app_names=app_names, http_url=http_url, client_env=auth_env))
     prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
     base = http_url + prefix
     names = [m["name"] for a in serve_config.app_args(config)[:1] for m in a.get("models", [])]
-    print(f"waiting for the replicas of {', '.join(names)} (a hub model downloads first)", flush=True)
+    print(f"waiting for the replicas of {', '.join(names)} to load (a hub model downloads first) ...", flush=True)
     printer = local.ReadyPrinter()
     try:
         body = local.wait_ready(base, args.timeout, progress=printer, models=names)
@@ -207,11 +272,49 @@ def _cmd_up(args: argparse.Namespace, prepared: tuple[Path | str, dict[str, Any]
     models = ", ".join(m["name"] for m in body.get("models", []))
     keyed = any(exposure.app_auth(a).api_keys for a in deployed["applications"])
     key = " -H 'Authorization: Bearer YOUR_KEY'" if keyed else ""
-    print(f"ready: {models}\n  OpenAI API: {base}/v1\n  Ray dashboard: {dashboard}\n"
-          f"try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key} "
+    print(f"ready: {models}\n  OpenAI API: {base}/v1\n  Ray dashboard: {dashboard}"
+          + (f" (it asks for the Ray token: the contents of {nodes.token_path()})"
+             if ray_env.get(nodes.AUTH_MODE_ENV) == "token" and not os.environ.get(nodes.TOKEN_ENV) else "")
+          + f"\ntry:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key} "
           f"-d '{{\"model\": \"{body['models'][0]['name']}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    if ray_env:
+        print("Ray's own CLI (serve deploy FILE, serve status, ray status) reaches this cluster once the shell has:\n"
+              f"  export {' '.join(f'{k}={shlex.quote(v)}' for k, v in ray_env.items())}")
     _print_security(deployed, dashboard, http, detail=False)
     return 0
+
+
+def _drain_serve(state: local.UpState) -> bool:
+    """Delete every Serve application of the head `up` started, before the head stops; False when
+    Serve did not answer.
+
+    The replicas then stop as Serve stops them on a redeploy: each once its in-flight requests are
+    done, or its ``graceful_shutdown_timeout_s`` has run out, so no request is cut short. What is left
+    takes Ray's node drain no time: a SIGTERMed node waits up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+    (30 s) only for the actors still on it, and on a one-node cluster nothing would ever take them over.
+    """
+    try:
+        details = local.serve_details(state.dashboard_url)
+    except Exception as e:  # noqa: BLE001 - a dashboard gone: the head's own drain still bounds the stop
+        print(f"Serve did not answer at {state.dashboard_url} ({str(e).splitlines()[0] if str(e) else e}); "
+              "Ray drains the head for up to 30 s when it stops")
+        return False
+    apps = list(details.get("applications") or {})
+    if not apps:
+        return True
+    bound = local.drain_bound_s(details)
+    wait = f"up to {bound:.0f} s" if bound is not None else "their graceful_shutdown_timeout_s"
+    print(f"deleting the Serve application(s) {', '.join(apps)}: waiting {wait} for in-flight requests to "
+          "drain ...", flush=True)
+    t0 = time.monotonic()
+    try:
+        local.delete_apps(state.dashboard_url)
+    except Exception as e:  # noqa: BLE001 - the head stops anyway; its own drain bounds that
+        print(f"  Serve did not delete them ({str(e).splitlines()[0] if str(e) else e}); Ray drains the head for "
+              "up to 30 s when it stops", flush=True)
+        return False
+    print(f"  deleted in {time.monotonic() - t0:.0f} s", flush=True)
+    return True
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
@@ -221,16 +324,28 @@ def _cmd_down(args: argparse.Namespace) -> int:
         return 0
     cluster = nodes.read_state()
     if state.started_head and cluster is not None and cluster.mode == "local":
+        drained = _drain_serve(state)
+        print(f"stopping the local Ray head `mlx-serving up` started ({cluster.address})"
+              + ("; Serve is gone, so Ray's node drain has nothing to wait for" if drained else ""), flush=True)
         return fleet_cli.stop_cluster(cluster)
     if state.started_head:
         print("the Ray head `mlx-serving up` started is not running any more")
-    else:
+    else:  # someone else's cluster: delete our applications, leave the rest
         import ray
         from ray import serve
 
+        os.environ.update(state.client_env)
+        nodes.refresh_ray_auth()
+        try:
+            bound = local.drain_bound_s(local.serve_details(state.dashboard_url), state.app_names)
+        except Exception:  # noqa: BLE001 - only for the message
+            bound = None
+        wait = f"up to {bound:.0f} s" if bound is not None else "its graceful_shutdown_timeout_s"
+        print(f"connecting to the Ray cluster at {state.address} ...", flush=True)
         ray.init(address=state.address, logging_level="ERROR")
         for name in state.app_names:
-            print(f"deleting Serve application {name!r}")
+            print(f"deleting Serve application {name!r}: waiting {wait} for in-flight requests to drain ...",
+                  flush=True)
             serve.delete(name)
     local.state_file().unlink(missing_ok=True)
     return 0

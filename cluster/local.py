@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from deployments.http.auth import ADMIN_KEYS_ENV, API_KEYS_ENV
 from engine import blas
@@ -34,6 +34,7 @@ class UpState(BaseModel):
     dashboard_url: str
     app_names: list[str]
     http_url: str
+    client_env: dict[str, str] = Field(default_factory=dict)  # what reached the cluster (auth mode, token path)
 
 
 def state_file() -> Path:
@@ -62,30 +63,85 @@ def ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def cluster_running(address: str, env: dict[str, str] | None = None) -> bool:
-    """Whether a Ray cluster answers at ``address``."""
-    res = subprocess.run([ray_bin(), "status", "--address", address], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, **(env or {})})
+GCS_CONNECT_TIMEOUT_S = 1.0  # a GCS on this machine or the LAN accepts a TCP connection at once
+RAY_STATUS_TIMEOUT_S = 20.0  # `ray status` of a live cluster takes 1-3 s; of a dead one, 40 s of retries
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a Ray address (``host:port``, ``[v6]:port``, ``ray://host:port``); None if it has no port."""
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return None
+
+
+def gcs_listening(address: str, timeout: float = GCS_CONNECT_TIMEOUT_S) -> bool:
+    """Whether something accepts TCP connections at the address's port: the check that costs
+    milliseconds, before `ray status`, which spends 40 s retrying an address where nothing listens."""
+    where = host_port(address)
+    if where is None:
+        return True  # not host:port: let `ray status` judge it
+    try:
+        with socket.create_connection(where, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def cluster_running(address: str, env: dict[str, str] | None = None, timeout: float | None = None) -> bool | None:
+    """Whether a Ray cluster answers at ``address`` (`ray status`): True, False (it refused, e.g. for
+    want of the token: that is quick), or None when it did not answer within ``timeout``."""
+    try:
+        res = subprocess.run([ray_bin(), "status", "--address", address], capture_output=True, text=True,
+                             timeout=RAY_STATUS_TIMEOUT_S if timeout is None else timeout,
+                             env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return None
     return res.returncode == 0
 
 
-def existing_cluster() -> tuple[str, dict[str, str]] | None:
-    """The cluster to deploy onto instead of starting one: ``RAY_ADDRESS``, else the one `ray start`
-    last started here (Ray's bootstrap file), if it answers; with the auth settings that reached it.
+def _quiet(_: str) -> None:
+    pass
 
-    A Ray that some other process started with ``ray.init()`` (a notebook, a test) is not taken.
+
+def existing_cluster(say: Callable[[str], None] = _quiet) -> tuple[str, dict[str, str]] | None:
+    """The cluster to deploy onto instead of starting one: ``RAY_ADDRESS``, else the one `ray start`
+    last started here (Ray's address file), if it answers; with the client settings that reached it.
+
+    An address file outlives its cluster (a reboot, a killed head), so nothing listening at its port
+    dismisses it at once; only a port that answers gets a `ray status`, bounded by a timeout. A
+    loopback address is probed with Ray's multi-node switch off, or Ray would try the LAN address
+    instead (``nodes.LOOPBACK_ENV``). ``say`` hears each step. A Ray that some other process
+    started with ``ray.init()`` (a notebook, a test) is not taken.
     """
+    from ray._common.utils import get_ray_address_file
     from ray._private.utils import read_ray_address
 
-    address = os.environ.get("RAY_ADDRESS") or read_ray_address()
+    from .nodes import AUTH_MODE_ENV, LOOPBACK, LOOPBACK_ENV
+
+    env_address = os.environ.get("RAY_ADDRESS", "auto")
+    address = env_address if env_address != "auto" else read_ray_address()
     if not address:
         return None
-    tries: list[dict[str, str]] = [{}]
-    if "RAY_AUTH_MODE" not in os.environ:  # a head holding a token turns auth on by itself
-        tries.append({"RAY_AUTH_MODE": "token"})
+    source = "RAY_ADDRESS" if env_address != "auto" else f"Ray's address file {get_ray_address_file(None)}"
+    say(f"checking the Ray cluster at {address} (from {source}) ...")
+    if not gcs_listening(address):
+        say(f"  nothing listens at {address}: the address is stale; ignoring it")
+        return None
+    where = host_port(address)
+    base = dict(LOOPBACK_ENV) if where is not None and where[0] in (LOOPBACK, "localhost") else {}
+    tries: list[dict[str, str]] = [base]
+    if AUTH_MODE_ENV not in os.environ:  # a head holding a token turns auth on by itself
+        tries.append({**base, AUTH_MODE_ENV: "token"})
     for env in tries:
-        if cluster_running(address, env):
+        answer = cluster_running(address, env)
+        if answer:
             return address, env
+        if answer is None:  # a refusal (no token) is quick; silence means no Ray GCS listens there
+            say(f"  {address} did not answer as a Ray cluster within {RAY_STATUS_TIMEOUT_S:.0f} s; ignoring it")
+            return None
+    say(f"  the Ray cluster at {address} refused this machine's settings (token?); ignoring it")
     return None
 
 
@@ -112,9 +168,20 @@ def deploy(dashboard_url: str, serve_config: dict[str, Any]) -> None:
 
 
 def delete_apps(dashboard_url: str) -> None:
+    """Shut Serve down (every application): returns once the replicas have stopped, each after its
+    in-flight requests finished or its ``graceful_shutdown_timeout_s`` ran out."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     ServeSubmissionClient(dashboard_url).delete_applications()
+
+
+def drain_bound_s(details: dict[str, Any], apps: Collection[str] | None = None) -> float | None:
+    """The longest ``graceful_shutdown_timeout_s`` of the applications' deployments (all when
+    ``apps`` is None): how long deleting them may wait for requests in flight; None if unknown."""
+    bounds = [float(t) for name, app in (details.get("applications") or {}).items() if apps is None or name in apps
+              for dep in (app.get("deployments") or {}).values()
+              if (t := (dep.get("deployment_config") or {}).get("graceful_shutdown_timeout_s")) is not None]
+    return max(bounds, default=None)
 
 
 def serve_details(dashboard_url: str) -> dict[str, Any]:

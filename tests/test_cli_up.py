@@ -1,4 +1,5 @@
-"""The README's main command: `mlx-serving up` on a machine with no cluster of its own, then `down`.
+"""The README's main command: `mlx-serving up` on a machine with no cluster of its own (and a stale Ray
+address file), Ray's own `serve` CLI against it, then `down`.
 
 Runs the real CLI in subprocesses. ``RAY_TMPDIR`` points Ray at a directory of this test's own, so
 `up` finds no running cluster there and starts its head; the session's Ray cluster on the same
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from cluster import exposure, nodes, serve_config
 from deployments.http.auth import hash_key, new_key
 
 MLX_SERVING = Path(sys.executable).with_name("mlx-serving")
+SERVE = Path(sys.executable).with_name("serve")  # Ray Serve's own CLI
 
 
 def _env(tmp_path: Path, rt: Path, **extra: str) -> dict[str, str]:
@@ -78,11 +81,24 @@ def test_up_serves_the_demo_with_keys_and_down_stops_only_its_own_head(ray_clust
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.get(f"http://127.0.0.1:{dash}{path}", headers=headers, timeout=30)
 
+    stale = free_port()  # an address file left by a Ray that is gone: nothing listens at its port
+    (rt / "ray").mkdir()
+    (rt / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{stale}")  # where Ray's address file is (RAY_TMPDIR)
     try:
         up = cli("up", "--port", str(port), "--ray-port", str(gcs), "--dashboard-port", str(dash),
                  "--num-cpus", "2", "--timeout", "300")
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "starting a Ray head" in up.stdout
+        # Every phase is said before it starts; the stale address is dismissed by the port probe, not after
+        # 40 s of `ray status` retries (tests/test_cli_walkthrough.py counts the calls).
+        address_file = rt / "ray" / "ray_current_cluster"
+        phases = [f"checking the Ray cluster at 127.0.0.1:{stale} (from Ray's address file {address_file}) ...",
+                  f"  nothing listens at 127.0.0.1:{stale}: the address is stale; ignoring it",
+                  f"starting a Ray head on this machine (GCS 127.0.0.1:{gcs}, dashboard 127.0.0.1:{dash}) ...",
+                  "Ray head up in ", f"demo model demo:tiny at {cache}/models/demo-tiny (built offline if missing) ...",
+                  f"deploying {serve_config.DEFAULT_CONFIG} ...",
+                  "waiting for the replicas of demo to load", "ready: demo"]
+        at = [up.stdout.find(p) for p in phases]
+        assert -1 not in at and at == sorted(at), list(zip(phases, at))
         base = re.search(r"OpenAI API: (\S+)", up.stdout)
         assert base is not None, up.stdout
         state = nodes.ClusterState.model_validate_json((cache / "cluster-state.json").read_text())
@@ -187,8 +203,51 @@ def test_up_serves_the_demo_with_keys_and_down_stops_only_its_own_head(ray_clust
                                                 max_tokens=3)
         assert answer.model == "tiny-2" and answer.usage is not None and answer.usage.completion_tokens == 3
 
+        # Ray Serve's own CLI against this cluster, from a new shell (no token path of this test's), after
+        # the one line `up` printed: Ray's CLI sends the token only with RAY_AUTH_MODE=token.
+        export = re.search(r"^  export (.+)$", up.stdout, re.M)
+        assert export is not None, up.stdout
+        ray_env = dict(kv.split("=", 1) for kv in shlex.split(export.group(1)))
+        assert ray_env == {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                           "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{dash}"}
+        shell = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "MLX_SERVING_API_KEYS")}
+
+        def serve_cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run([str(SERVE), *args], capture_output=True, text=True, env={**shell, **extra},
+                                  timeout=120)
+
+        denied = serve_cli("status", RAY_DASHBOARD_ADDRESS=ray_env["RAY_DASHBOARD_ADDRESS"])  # why the line is printed
+        assert denied.returncode != 0 and "Missing authentication token" in denied.stdout + denied.stderr, denied
+
+        def keyless() -> int:  # the API without a key: refused while the rotated key is deployed
+            return httpx.post(base.group(1) + "/chat/completions", timeout=120, json={
+                "model": "tiny-2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).status_code
+
+        assert keyless() == 401
+        deployed = serve_cli("deploy", str(emitted), **ray_env)  # the plain file: no key in it
+        assert deployed.returncode == 0 and "Sent deploy request successfully" in deployed.stdout + deployed.stderr, (
+            deployed.stdout + deployed.stderr)
+        deadline = time.monotonic() + 60  # the ingress reconfigures once Serve applied the file
+        while keyless() != 200 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert keyless() == 200
+        deadline = time.monotonic() + 60
+        while not re.search(r"mlx-serving:\s+status: RUNNING", (listed := serve_cli("status", **ray_env)).stdout) \
+                and time.monotonic() < deadline:
+            time.sleep(1)
+        assert listed.returncode == 0 and re.search(r"mlx-serving:\s+status: RUNNING", listed.stdout), listed
+        ray_status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status"], capture_output=True,
+                                    text=True, env={**shell, **ray_env}, timeout=120)  # the address file `up` left
+        assert ray_status.returncode == 0, ray_status.stdout + ray_status.stderr
+
         down = cli("down", timeout=180)
         assert down.returncode == 0, down.stdout + down.stderr
+        steps = ["deleting the Serve application(s) mlx-serving: waiting up to 30 s for in-flight requests to "
+                 "drain ...", "  deleted in ", f"stopping the local Ray head `mlx-serving up` started (127.0.0.1:{gcs}); "
+                 "Serve is gone, so Ray's node drain has nothing to wait for", "stopping the Ray node(s) started here:",
+                 "stopped"]
+        at = [down.stdout.find(p) for p in steps]
+        assert -1 not in at and at == sorted(at), down.stdout
         head = state.nodes[0]
         assert head.pid is not None and not nodes._group_alive(head.pid)
         assert not (cache / "cluster-state.json").exists() and not (cache / "up-state.json").exists()
