@@ -11,8 +11,8 @@ id itself.
 
 Events (one JSON line each, ``"event": <name>``), for the router and the replicas to call:
 ``replica_started``, ``replica_unhealthy``, ``replica_died``, ``engine_dead``, ``queue_saturated``,
-``breaker_transition``, ``rollout_decision`` (``rollback`` and ``stage_change`` are shorthands) and
-``router_event`` (takes the router's drained event dicts as they are).
+``breaker_transition`` and ``rollout_decision`` (named ``rollback`` when the action is a rollback);
+the router deployment logs both through ``router_event`` (via ``metrics.RouterMetrics.event``).
 
 Where the lines go: each Ray worker's stderr, i.e. ``/tmp/ray/session_latest/logs/worker-*.err`` on
 the node (and the actor's log view in the Ray dashboard, ``ray logs actor --id ...``); set
@@ -137,24 +137,33 @@ def breaker_transition(route: str, variant: str, from_state: str, to_state: str,
 
 def rollout_decision(route: str, action: str, state: str | None = None, canary_percent: float | None = None,
                      reason: str = "", **fields: Any) -> None:
+    """A rollout decision; a rollback is its own event name (``rollback``) so alerts can match it alone."""
     level = logging.WARNING if action == "rollback" else logging.INFO
     event("rollback" if action == "rollback" else "rollout_decision", level, route=route, action=action,
           state=state, canary_percent=canary_percent, reason=reason, **fields)
 
 
-def rollback(route: str, reason: str, **fields: Any) -> None:
-    rollout_decision(route, "rollback", reason=reason, **fields)
-
-
-def stage_change(route: str, stage: int, canary_percent: float | None, reason: str = "", **fields: Any) -> None:
-    rollout_decision(route, "stage_change", stage=stage, canary_percent=canary_percent, reason=reason, **fields)
+# Fields of the router's event dicts that a log line does without: ``kind`` is in the event's name and
+# ``at`` is the router process's monotonic clock (the line's ``ts`` is the wall-clock time).
+_ROUTER_ONLY = ("kind", "at")
 
 
 def router_event(e: dict[str, Any]) -> None:
-    """One of ``Router.drain_events()``'s dicts (``kind`` ``breaker`` or a rollout decision)."""
-    e = dict(e)
+    """One of ``Router.drain_events()``'s dicts (``kind`` ``breaker`` or a rollout decision) as a JSON line:
+    a breaker's ``name`` becomes ``variant``; a rollout decision keeps ``stage_index`` and its evidence
+    (``metric``, ``statistic``, ``df``, ``p_value``, ``effect``, ``canary_error_rate``, ``baseline_error_rate``).
+
+    Logged outside the caller's context: an event is about a route, not about the Serve call (an
+    ingress's batch of outcomes, a long poll) whose request id happens to be current when it is drained."""
+    contextvars.Context().run(_router_event, dict(e))
+
+
+def _router_event(e: dict[str, Any]) -> None:
     route = str(e.pop("route", ""))
-    if e.get("kind") == "breaker":
+    breaker = e.get("kind") == "breaker"
+    for k in _ROUTER_ONLY:
+        e.pop(k, None)
+    if breaker:
         breaker_transition(route, str(e.pop("name", "")), str(e.pop("from_state", "")), str(e.pop("to_state", "")),
                            str(e.pop("reason", "") or ""), **e)
     else:

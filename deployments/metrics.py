@@ -322,8 +322,9 @@ class HttpObservability:
 
 # -- router ---------------------------------------------------------------------------------------
 ROUTER_METRICS: dict[str, MetricSpec] = _specs(
-    MetricSpec("route_assignments", "counter", "Variant picks per route, by reason (weighted, sticky, forced, ...).",
-               ("route", "variant", "reason")),
+    MetricSpec("route_assignments", "counter",
+               "Requests routed to each variant of a route (counted when the ingress reports the request's "
+               "outcome to the router; a request its client abandoned is not reported).", ("route", "variant")),
     MetricSpec("routed_requests", "counter", "Requests routed to a variant, by outcome.", ("route", "variant", "outcome")),
     MetricSpec("router_events", "counter", "Circuit-breaker transitions and rollout decisions.",
                ("route", "kind", "event")),
@@ -334,12 +335,10 @@ ROLLOUT_STATES = ("pending", "running", "paused", "promoted", "rolled_back")
 
 
 class RouterMetrics:
-    """Router metrics and event logs in one call each. The names match the ones ``router.py``
-    registers today; use one or the other in a process, not both (Ray keeps one metric per name).
+    """The router deployment's metrics and event logs, one call each.
 
     Ray drops a gauge series that is not set again within two export intervals (10 s each by
-    default): call ``republish()`` from a periodic task (the router's tick) to keep the rollout
-    gauges alive."""
+    default): the router calls ``republish()`` from its periodic tick to keep the rollout gauges alive."""
 
     def __init__(self, backend: Backend | None = None) -> None:
         self._backend = backend
@@ -353,27 +352,35 @@ class RouterMetrics:
             self._m = {k: backend.make(s) for k, s in ROUTER_METRICS.items()}
         return self._m
 
-    def assignment(self, route: str, variant: str, reason: str = "weighted") -> None:
-        self.m["route_assignments"].inc(1, (route, variant, reason))
-
-    def outcome(self, route: str, variant: str, outcome: str) -> None:
+    def routed(self, route: str, variant: str, outcome: str) -> None:
+        """One routed request whose outcome came back: an assignment, and its outcome."""
+        self.m["route_assignments"].inc(1, (route, variant))
         self.m["routed_requests"].inc(1, (route, variant, outcome))
 
-    def event(self, e: dict[str, Any]) -> None:
-        """Count and log one of ``Router.drain_events()``'s dicts (breaker transition or rollout decision)."""
+    def event(self, e: dict[str, Any]) -> str:
+        """Count and log one of ``Router.drain_events()``'s dicts (breaker transition or rollout
+        decision); returns the ``event`` label it was counted under."""
         route = str(e.get("route", ""))
         kind = str(e.get("kind"))
         if kind == "breaker":
             name = f"{e.get('from_state')}->{e.get('to_state')}"
         else:
             name = str(e.get("action"))
-            if e.get("canary_percent") is not None:
-                self._set("rollout_canary_percent", (route,), float(e["canary_percent"]))
-            state = str(e.get("state"))
-            for s in ROLLOUT_STATES:
-                self._set("rollout_state", (route, s), 1.0 if s == state else 0.0)
+            self.rollout(route, str(e.get("state")), float(e.get("canary_percent") or 0.0))
         self.m["router_events"].inc(1, (route, kind, name))
         router_event(e)
+        return name
+
+    def rollout(self, route: str, state: str, canary_percent: float) -> None:
+        """The rollout gauges of one route (also for state restored or carried over without a decision)."""
+        self._set("rollout_canary_percent", (route,), canary_percent)
+        for s in ROLLOUT_STATES:
+            self._set("rollout_state", (route, s), 1.0 if s == state else 0.0)
+
+    def keep_only(self, routes: set[str]) -> None:
+        """Stop republishing the gauges of other routes (gone, or without a rollout now): Ray drops
+        their series soon after."""
+        self._gauges = {k: v for k, v in self._gauges.items() if k[1][0] in routes}
 
     def _set(self, name: str, key: tuple, value: float) -> None:
         self._gauges[(name, key)] = value
@@ -382,9 +389,6 @@ class RouterMetrics:
     def republish(self) -> None:
         for (name, key), value in list(self._gauges.items()):
             self.m[name].set(value, key)
-
-
-ROUTER = RouterMetrics()
 
 
 def all_metric_names(ray_prefix: bool = False) -> list[str]:

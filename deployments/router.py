@@ -12,6 +12,11 @@ model replica, and sends outcomes back in batches (``record_batch``). Half-open 
 exception: their probes are rationed here, so an ingress asks ``choose`` for a route while one of its
 variants is half-open.
 
+Every rollout decision and circuit transition is one JSON log line (``rollout_decision``, ``rollback``,
+``breaker_transition``) and a count in ``mlx_serving_router_events``; every reported outcome counts an
+assignment (``mlx_serving_route_assignments``) and an outcome (``mlx_serving_routed_requests``); see
+``metrics.RouterMetrics`` and docs/observability.md.
+
 Rollout state and open circuits are saved per route in Ray's internal KV whenever they change
 (``routing.persist``), and taken back when a replica starts, so a restarted router does not send
 traffic to a canary it rolled back.
@@ -26,9 +31,10 @@ import time
 from typing import Any
 
 from ray import serve
-from ray.serve import metrics
 
 from .config import route_problems
+from .logging import setup as setup_logging
+from .metrics import RouterMetrics
 from .routing import Outcome, Router, RoutingConfig
 from .routing.config import SATURATION_CODES
 from .routing.errors import RoutingError
@@ -40,6 +46,7 @@ logger = logging.getLogger("ray.serve")
 TICK_INTERVAL_S = 0.5  # rollout judgements and breaker cooldowns are checked this often
 WATCH_TIMEOUT_S = 10.0  # an idle long poll returns after this long (the caller polls again)
 LOAD_ATTEMPTS = 3  # reads of saved state before a replica gives up starting (Serve then retries it)
+REPUBLISH_S = 5.0  # rollout gauges are set again this often (Ray drops a gauge series left alone for 20 s)
 
 
 def _default_store() -> RolloutStore | None:
@@ -55,7 +62,8 @@ def _default_store() -> RolloutStore | None:
 
 class RouterDeployment:
     def __init__(self, models: list[str], tick_interval_s: float = TICK_INTERVAL_S,
-                 store: RolloutStore | None = None) -> None:
+                 store: RolloutStore | None = None, metrics: RouterMetrics | None = None) -> None:
+        setup_logging("router")  # JSON lines on stderr, tagged with the app, deployment and replica
         self.models = list(models)
         self.tick_interval_s = tick_interval_s
         self.router = Router()
@@ -69,18 +77,8 @@ class RouterDeployment:
         self._started = time.time()
         self._epoch = f"{os.getpid():x}{time.time_ns() % 2**32:08x}"
         self._events_total: dict[str, int] = {}
-        self._events = metrics.Counter(
-            "mlx_serving_router_events", description="Circuit-breaker transitions and rollout decisions.",
-            tag_keys=("route", "kind", "event"))
-        self._routed = metrics.Counter(
-            "mlx_serving_routed_requests", description="Requests routed to a variant, by outcome.",
-            tag_keys=("route", "variant", "outcome"))
-        self._canary_percent = metrics.Gauge(
-            "mlx_serving_rollout_canary_percent", description="Canary traffic share of a route's rollout.",
-            tag_keys=("route",))
-        self._rollout_state = metrics.Gauge(
-            "mlx_serving_rollout_state", description="1 for a route's current rollout state, 0 for the others.",
-            tag_keys=("route", "state"))
+        self.metrics = metrics or RouterMetrics()
+        self._republished = time.monotonic()
         self._ticker: asyncio.Task | None = None
         self._ensure_ticker()
 
@@ -139,7 +137,7 @@ class RouterDeployment:
         for route, variant, o in items:
             outcome = Outcome(**o)
             self.router.record(route, variant, outcome)
-            self._routed.inc(tags={"route": route, "variant": variant, "outcome": _outcome_label(outcome)})
+            self.metrics.routed(route, variant, _outcome_label(outcome))
         self._after_change()
         await self._persist()
         return self.table_version
@@ -194,6 +192,7 @@ class RouterDeployment:
             try:
                 self.router.tick()
                 self._after_change()
+                self._republish()
                 await self._persist()  # also retries saves that failed
             except Exception:  # noqa: BLE001 - a bad tick must not stop rollouts for good
                 logger.exception("router: tick failed")
@@ -245,31 +244,23 @@ class RouterDeployment:
             self._changed = asyncio.Event()  # ... and the next ones wait for the next change
 
     def _count(self, e: dict[str, Any]) -> None:
-        route = e.get("route", "")
-        if e.get("kind") == "breaker":
-            event = f"{e.get('from_state')}->{e.get('to_state')}"
-            logger.warning("router: route %r variant %r circuit %s: %s", route, e.get("name"), event, e.get("reason"))
-        else:
-            event = str(e.get("action"))
-            log = logger.warning if event == "rollback" else logger.info
-            log("router: route %r rollout %s -> %s at %s%% canary: %s", route, event, e.get("state"),
-                e.get("canary_percent"), e.get("reason"))
-            self._set_rollout_gauges(route, str(e.get("state")), float(e.get("canary_percent") or 0.0))
-        kind = str(e.get("kind"))
-        key = f"{kind}:{event}"
+        """One JSON event line, the event counter and (for a rollout decision) the rollout gauges."""
+        key = f"{e.get('kind')}:{self.metrics.event(e)}"
         self._events_total[key] = self._events_total.get(key, 0) + 1
-        self._events.inc(tags={"route": route, "kind": kind, "event": event})
-
-    def _set_rollout_gauges(self, route: str, state: str, canary_percent: float) -> None:
-        self._canary_percent.set(canary_percent, tags={"route": route})
-        for s in ("pending", "running", "paused", "promoted", "rolled_back"):
-            self._rollout_state.set(1.0 if s == state else 0.0, tags={"route": route, "state": s})
 
     def _export_rollout_gauges(self) -> None:
-        """Gauges for every rollout, also those restored or carried over without a new decision."""
-        for route, r in self.router.report()["routes"].items():
-            if r["rollout"] is not None:
-                self._set_rollout_gauges(route, r["rollout"]["state"], float(r["rollout"]["canary_percent"]))
+        """Gauges for every rollout, also those restored or carried over without a new decision; none
+        for routes that are gone or have no rollout any more."""
+        rollouts = {route: r["rollout"] for route, r in self.router.report()["routes"].items() if r["rollout"]}
+        self.metrics.keep_only(set(rollouts))
+        for route, ro in rollouts.items():
+            self.metrics.rollout(route, ro["state"], float(ro["canary_percent"]))
+
+    def _republish(self) -> None:
+        now = time.monotonic()
+        if now - self._republished >= REPUBLISH_S:
+            self._republished = now
+            self.metrics.republish()
 
 
 def _outcome_label(outcome: Outcome) -> str:
