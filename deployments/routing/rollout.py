@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from .config import LatencyMetric, RolloutPolicy
+from .config import RolloutPolicy
 from .errors import InvalidTransitionError
-from .stats import StatsWindow, VariantStats
+from .stats import VariantStats
 from .welch import welch_t_test
 
 
@@ -101,6 +101,10 @@ class RolloutController:
             return 100.0
         return float(self.policy.stages[self.stage_index])
 
+    def _baseline_idle(self) -> bool:
+        """The stage sends the baseline no traffic (canary at 100%)."""
+        return self.canary_percent >= 100.0
+
     def configure(self, policy: RolloutPolicy, baseline: str) -> None:
         """New thresholds or stages; keeps the state (a config push must not restart a rollout)."""
         self.policy = policy
@@ -149,9 +153,10 @@ class RolloutController:
                                 f"{p.max_error_rate_increase:g}", **rates)
         test: dict[str, Any] = {}
         g = p.latency
-        if g is not None:
+        concurrent = not self._baseline_idle()
+        if g is not None and concurrent:
             c_samples = cw.latency[g.metric].values()
-            b_samples = _reference(baseline, g.metric, g.min_samples).latency[g.metric].values()
+            b_samples = baseline.stage.latency[g.metric].values()
             if len(c_samples) < g.min_samples or len(b_samples) < g.min_samples:
                 return self._decide(now, "wait", self.state,
                                     f"collecting: {len(c_samples)}/{len(b_samples)} {g.metric} samples "
@@ -165,12 +170,17 @@ class RolloutController:
                                     f"canary {g.metric} {100 * effect:.1f}% slower than baseline "
                                     f"(p={res.p_value:.2g} < {g.alpha:g}, effect >= {100 * g.min_effect:.0f}%)",
                                     **rates, **test)
+        # With the canary at 100% the baseline serves nothing in this stage, and its earlier samples
+        # were taken while it carried part of the load only: a canary carrying all of it would look
+        # slower for that alone. Latency is judged at the stages where both serve at once.
+        skipped = " (latency not compared: the baseline serves nothing at this stage)" if g and not concurrent else ""
         if self.stage_index + 1 < len(p.stages):
             self.stage_index += 1
             self.stage_started_at = now
             return self._decide(now, "advance", RolloutState.RUNNING,
-                                f"guards passed: advancing to {p.stages[self.stage_index]:g}%", **rates, **test)
-        return self._decide(now, "promote", RolloutState.PROMOTED, "guards passed at the last stage", **rates, **test)
+                                f"guards passed: advancing to {p.stages[self.stage_index]:g}%{skipped}", **rates, **test)
+        return self._decide(now, "promote", RolloutState.PROMOTED, f"guards passed at the last stage{skipped}",
+                            **rates, **test)
 
     # -- manual commands ----------------------------------------------------------------------------
 
@@ -248,9 +258,3 @@ class RolloutController:
         if action != "wait":
             self.history.append(decision)
         return decision
-
-
-def _reference(baseline: VariantStats, metric: LatencyMetric, min_samples: int) -> StatsWindow:
-    """Baseline samples from this stage, or from its whole life when the stage has too few (at 100%
-    canary the baseline gets no traffic)."""
-    return baseline.stage if len(baseline.stage.latency[metric].recent) >= min_samples else baseline.total
