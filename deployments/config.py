@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -86,6 +86,10 @@ class ModelDeploymentConfig(BaseModel):
         None, gt=0.0,
         description="Memory Ray reserves per replica (weights + KV cache, GB of 2**30 bytes); a host offers what "
                     "`ray start --memory` gave it (`mlx-serving cluster up --inventory` sets its usable memory).")
+    routing: Literal["load", "prefix"] = Field(
+        "load", description="How a request picks among this model's replicas: `load` (Serve's power of two "
+                            "choices) or `prefix` (the replica whose prompt cache likely holds the request's "
+                            "prefix, balanced against load: deployments/routing/prefix_affinity.py).")
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves per replica.")
     num_gpus: float = Field(
         0.0, ge=0.0, description="GPUs Ray reserves per replica: for MLX's CUDA backend on Linux (Ray then sets "

@@ -220,4 +220,13 @@ def replica_deployment(cfg: ModelDeploymentConfig) -> serve.Deployment:
         options["num_replicas"] = cfg.num_replicas
     if cfg.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = cfg.max_replicas_per_node
+    if cfg.routing == "prefix":
+        from ray.serve.config import RequestRouterConfig
+
+        from .routing.prefix_affinity import CLASS_PATH
+
+        # Prefix before balance while queues differ by less than a quarter of a replica's slots.
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=CLASS_PATH,
+            request_router_kwargs={"imbalanced_threshold": max(2, cfg.max_ongoing_requests // 4)})
     return serve.deployment(ModelReplica).options(**options)

@@ -229,7 +229,10 @@ def test_a_dead_gpu_thread_takes_its_replica_out_at_once_and_its_queued_request_
         victim = actors[0]
         pid = ray.get(victim.__ray_call__.remote(lambda _: os.getpid()))
         t0 = time.monotonic()
-        _engine_of(victim, lambda e: e.crash_gpu_thread())
+        try:
+            _engine_of(victim, lambda e: e.crash_gpu_thread())
+        except ray.exceptions.ActorDiedError:
+            pass  # the process may exit before this call's reply leaves it: the point of the drill
         wait_for(lambda: not _alive(pid), timeout=15, every=0.1)
         gone_after = time.monotonic() - t0
         results = [s.result(timeout=300) for s in streams]
