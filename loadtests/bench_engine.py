@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             bare.close()
         if eng is not None:
             eng.close()
-    del model, bare
+    model = bare = None  # frees the weights (the lambdas above ran already)
     gc.collect()
     mx.clear_cache()
     # The table shows each (path, level)'s median run; the ratios below are per repetition.

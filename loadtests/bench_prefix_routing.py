@@ -34,7 +34,8 @@ if __package__ in (None, ""):  # run as a script: make ``loadtests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests.common import (  # noqa: E402
-    corpus_sentences, ensure_model, machine_info, percentile, print_table, reexec_with_openblas, spread, write_json,
+    corpus_sentences, ensure_model, machine_info, percentile, print_spread, reexec_with_openblas, spread,
+    stop_local_serve, write_json,
 )
 
 PATHS = {"load": "chat-load", "prefix": "chat-prefix"}
@@ -194,14 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = asyncio.run(run_all(base, args, eos_bias(model_dir)))
     finally:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_serve()
     s = out["ratios_summary"]
-    print_table(["ratio", "median", "min", "max", "repetitions"],
-                [(k, v["median"], v["min"], v["max"], v["n"]) for k, v in s.items()])
+    print_spread(s)
     speedup = s["prefix_routing_ttft_p50_speedup"]["median"]
     met = speedup is not None and speedup >= GOAL
     print(f"prefix_routing_ttft_p50_speedup: {speedup if speedup is None else round(speedup, 2)} "

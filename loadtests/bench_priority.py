@@ -43,8 +43,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests.common import (  # noqa: E402
-    corpus_sentences, ensure_model, machine_info, make_prompts, percentile, print_table, reexec_with_openblas,
-    write_json, spread,
+    corpus_sentences, ensure_model, machine_info, make_prompts, percentile, print_spread,
+    reexec_with_openblas, spread, stop_local_serve, write_json,
 )
 
 TARGETS = {"interactive_ttft_p50_loaded_vs_idle": ("<=", 1.5), "batch_tokens_loaded_vs_alone": (">=", 0.8)}
@@ -349,14 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = asyncio.run(run_all(base, args, eos_bias(model_dir), model_dir))
         finally:
-            import ray
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
+            stop_local_serve()
     s = out["ratios_summary"]
-    print_table(["ratio", "median", "min", "max", "repetitions"],
-                [(k, v["median"], v["min"], v["max"], v["n"]) for k, v in s.items()])
+    print_spread(s)
     ok = True
     for k, (op, target) in TARGETS.items():
         m = s[k]["median"]

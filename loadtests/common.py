@@ -158,6 +158,21 @@ def spread(values: Sequence[float | None]) -> dict[str, Any]:
             "max": max(xs, default=None), "n": len(xs), "values": list(values)}
 
 
+def print_spread(summary: dict[str, dict[str, Any]]) -> str:
+    """The table of ratios over repetitions (``spread`` values)."""
+    return print_table(["ratio", "median", "min", "max", "repetitions"],
+                       [(k, v["median"], v["min"], v["max"], v["n"]) for k, v in summary.items()])
+
+
+def stop_local_serve() -> None:
+    """Shut down the Serve app and the local Ray a benchmark started."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
 def fmt(v: Any, digits: int = 1) -> str:
     if v is None:
         return "-"

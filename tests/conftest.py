@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,16 @@ def token_id(app_url: str, text: str, model: str = "demo") -> int:
 def no_eos(app_url: str, model: str = "demo") -> dict[str, float]:
     """A logit_bias that keeps the random demo model from ending early."""
     return {str(token_id(app_url, "<|im_end|>", model)): -100.0}
+
+
+def wait_app_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Until the app at ``url`` answers ``/ready`` with 200 (its replicas loaded)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(url + "/ready").status_code != 200:
+        assert time.monotonic() < deadline, "app never became ready"
+        time.sleep(0.5)
 
 
 def replica_info(app: str, deployment: str):

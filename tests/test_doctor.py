@@ -53,13 +53,16 @@ def test_ray_auth_disabled_needs_fixing(monkeypatch: pytest.MonkeyPatch) -> None
     assert doctor.ray_checks(None, [])[-1].detail.startswith("no Ray cluster runs here")
 
 
+INVENTORY: dict[str, Any] = {
+    "head": "studio-1",
+    "hosts": [{"name": "studio-1", "address": "127.0.0.2", "chip": "M2 Ultra", "memory_gb": 64},
+              {"name": "mini-1", "address": "127.0.0.3", "chip": "M4", "memory_gb": 16}],
+    "models": [{"name": "m", "source": "acme/m", "replicas": 2, "footprint_gb": 6}],
+}
+
+
 def test_an_inventory_against_the_clusters_nodes_and_memory(tmp_path: Path) -> None:
-    inventory: dict[str, Any] = {
-        "head": "studio-1",
-        "hosts": [{"name": "studio-1", "address": "127.0.0.2", "chip": "M2 Ultra", "memory_gb": 64},
-                  {"name": "mini-1", "address": "127.0.0.3", "chip": "M4", "memory_gb": 16}],
-        "models": [{"name": "m", "source": "acme/m", "replicas": 2, "footprint_gb": 6}],
-    }
+    inventory: dict[str, Any] = dict(INVENTORY)
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(inventory))
     labels = {"n1": {"host": "studio-1"}}
@@ -75,12 +78,7 @@ def test_an_inventory_against_the_clusters_nodes_and_memory(tmp_path: Path) -> N
 
 
 def test_doctor_says_which_hosts_lack_a_planned_hub_model(tmp_path: Path) -> None:
-    inventory: dict[str, Any] = {
-        "head": "studio-1",
-        "hosts": [{"name": "studio-1", "address": "127.0.0.2", "chip": "M2 Ultra", "memory_gb": 64},
-                  {"name": "mini-1", "address": "127.0.0.3", "chip": "M4", "memory_gb": 16}],
-        "models": [{"name": "m", "source": "acme/m", "replicas": 2, "footprint_gb": 6}],
-    }
+    inventory: dict[str, Any] = dict(INVENTORY)
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(inventory))
     labels = {"n1": {"host": "studio-1"}, "n2": {"host": "mini-1"}}

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ray_log_lines
+from conftest import ray_log_lines, wait_app_ready
 from ray import serve
 from test_observability import _sample_sum, _scrape_ray
 
@@ -119,10 +119,7 @@ def base(serve_port: int, tiny_model_dir: Path) -> Any:
             "routes": ROUTES, "auth": {"admin_keys": [hash_key(ADMIN)]}}
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     url = f"http://127.0.0.1:{serve_port}{PREFIX}"
-    deadline = time.monotonic() + 120
-    while httpx.get(url + "/ready").status_code != 200:
-        assert time.monotonic() < deadline, "app never became ready"
-        time.sleep(0.5)
+    wait_app_ready(url)
     yield url
     serve.delete(APP)
 

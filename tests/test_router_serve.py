@@ -21,6 +21,7 @@ import httpx
 import pytest
 from ray import serve
 
+from conftest import wait_app_ready
 from deployments.http.auth import hash_key
 from deployments.routing import assign
 
@@ -94,10 +95,7 @@ def base(serve_port: int, tiny_model_dir: Path) -> Any:
     deploy(serve_config(str(tiny_model_dir), {"stable": 100, "canary": 0}))
     wait_running()
     url = f"http://127.0.0.1:{serve_port}{PREFIX}"
-    deadline = time.monotonic() + 120
-    while httpx.get(url + "/ready").status_code != 200:
-        assert time.monotonic() < deadline, "app never became ready"
-        time.sleep(0.5)
+    wait_app_ready(url)
     yield url
     serve.delete(APP)
 
