@@ -160,7 +160,8 @@ async def run_all(base: str, args: argparse.Namespace, bias: dict[str, float]) -
     convs = Conversations(args.system_sentences)
     for path in PATHS:  # the same warm-up for both paths
         w = await phase(base, path, args, convs.take(args.users), bias)
-        print(f"warm-up {path}: {w['requests']} requests, errors {w['errors']}", flush=True)
+        print(f"warm-up {path}: {w['requests']} requests, errors {w['errors']}"
+              + (f" (first: {w['first_error']})" if w["errors"] else ""), flush=True)
     reps = []
     for i in range(args.repeats):
         order = list(PATHS) if i % 2 == 0 else list(PATHS)[::-1]
@@ -168,7 +169,8 @@ async def run_all(base: str, args: argparse.Namespace, bias: dict[str, float]) -
         for path in order:
             p = rep[path] = await phase(base, path, args, convs.take(args.users), bias)
             print(f"rep {i} {path:<7} ttft p50 {p['ttft_p50_ms']} ms p99 {p['ttft_p99_ms']} ms  "
-                  f"{p['tokens_per_s']} tok/s  errors {p['errors']}", flush=True)
+                  f"{p['tokens_per_s']} tok/s  errors {p['errors']}" + (f" (first: {p['first_error']})" if p["errors"] else ""),
+                  flush=True)
         reps.append(rep)
 
     def ratio(rep: dict[str, Any], key: str, invert: bool = False) -> float | None:
