@@ -131,7 +131,7 @@ class ModelReplica:
         except EngineError as e:
             self._log_failure(e, request)
             yield ReplicaError.of(e)
-        except Exception as e:  # noqa: BLE001 - a bug: this request fails, with its id, not its traceback
+        except Exception:  # noqa: BLE001 - a bug: this request fails, with its id, not its traceback
             log.exception("request %s failed", request.get("request_id"))
             yield ReplicaError.of(EngineFailureError(
                 f"internal error in the model replica (request id {request.get('request_id')})", code="internal_error"))
@@ -223,10 +223,8 @@ def replica_deployment(cfg: ModelDeploymentConfig) -> serve.Deployment:
     if cfg.routing == "prefix":
         from ray.serve.config import RequestRouterConfig
 
-        from .routing.prefix_affinity import CLASS_PATH
+        from .routing.prefix_affinity import CLASS_PATH, IMBALANCED_THRESHOLD
 
-        # Prefix before balance while queues differ by less than a quarter of a replica's slots.
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=CLASS_PATH,
-            request_router_kwargs={"imbalanced_threshold": max(2, cfg.max_ongoing_requests // 4)})
+            request_router_class=CLASS_PATH, request_router_kwargs={"imbalanced_threshold": IMBALANCED_THRESHOLD})
     return serve.deployment(ModelReplica).options(**options)

@@ -70,6 +70,7 @@ class RequestStream:
         self.closed = False  # set by the consumer side when it goes away
         self.finished = False  # set by the producer after the final chunk or an error
         self.last_read = time.monotonic()
+        self._unread_since = self.last_read  # when the oldest item the consumer has not read came
 
     # -- producer side (GPU thread) -------------------------------------------------------------
     def push(self, item: GenerationChunk | EngineError, deferred: bool = False) -> None:
@@ -80,6 +81,8 @@ class RequestStream:
             if isinstance(item, EngineError) or item.finish_reason is not None:
                 self.finished = True
             last = self._items[-1] if self._items else None
+            if last is None:
+                self._unread_since = time.monotonic()
             if isinstance(item, GenerationChunk) and isinstance(last, _Run):
                 last.append(item)
             elif (
@@ -105,7 +108,9 @@ class RequestStream:
         return len(self._items)
 
     def stalled(self, timeout_s: float, now: float) -> bool:
-        return bool(self._items) and now - self.last_read > timeout_s
+        """Items have waited unread for ``timeout_s``: counted from the later of the consumer's last
+        read and the oldest item's arrival, so a first token after a long queue is no stall."""
+        return bool(self._items) and now - max(self.last_read, self._unread_since) > timeout_s
 
     # -- consumer side (caller's event loop) ----------------------------------------------------
     async def next(self) -> GenerationChunk:

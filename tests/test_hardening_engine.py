@@ -418,3 +418,20 @@ def test_prefix_cache_entries_are_found_only_from_their_own_scope(tiny_model_dir
     assert ask("tenant-b").usage.cached_tokens == 0  # another tenant learns nothing from it
     assert ask("tenant-a:salted").usage.cached_tokens == 0
     run(e.shutdown(1))
+
+
+def test_a_first_token_after_a_long_wait_is_not_a_stalled_consumer() -> None:
+    """A sequence that waited minutes for its prefill (a busy replica) is not cut off as
+    ``consumer_stalled`` the moment its first token arrives: only items left unread that long are."""
+    from engine.streams import RequestStream
+
+    loop = asyncio.new_event_loop()
+    try:
+        stream = RequestStream("r1", loop, max_items=8)
+        stream.last_read -= 1000  # created long ago, nothing to read since
+        assert not stream.stalled(120, time.monotonic())
+        stream.push(GenerationChunk(request_id="r1", text="a", token_ids=[1]))
+        assert not stream.stalled(120, time.monotonic())  # just arrived
+        assert stream.stalled(120, time.monotonic() + 121)  # unread for longer than the limit
+    finally:
+        loop.close()
