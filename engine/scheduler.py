@@ -491,7 +491,7 @@ class GpuScheduler:
                 reason = "stop" if token in m.eos_ids else "length" if run.generated >= run.max_tokens else None
                 now = time.monotonic()
                 done = self._deliver(m, seq, StepResult(-1, token, logprobs, reason, run.cache, run.cache_tokens()), now)
-                self.observer.on_step(m.name, 1, now - t0, 1, len(m.waiting))
+                self.observer.on_step(m.name, 1, now - t0, len(m.active()), len(m.waiting))
                 if done or not join:
                     continue
                 cache, held, nxt = run.hand_over()

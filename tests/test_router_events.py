@@ -155,7 +155,8 @@ def wait_for(fn: Any, timeout_s: float = 30) -> Any:
 def test_router_events_and_assignment_metrics_after_traffic(base: str) -> None:
     grow = drive(base, "grow", "promoted")
     drill = drive(base, "drill", "rolled_back")
-    assert grow[("next", 200)] >= 4 and grow[("stable", 200)] >= 1, grow
+    # at the 50% stage a request goes either way (a few may all go to `next`): only the split is random
+    assert grow[("next", 200)] >= 4 and set(grow) <= {("next", 200), ("stable", 200)}, grow
     assert drill[("bad", 503)] >= 2, drill
 
     # rollout decisions: one JSON line each, from the router's process, with the documented fields
