@@ -93,6 +93,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
                     "must exist at the same path on every host; demo:* models are built on each host.")
     import ray
 
+    from . import fleet_cli
+
     print(f"downloading {args.model}{'@' + args.revision if args.revision else ''} here (or finding it in the cache)",
           flush=True)
     local_dir = sources.download(args.model, args.revision)
@@ -101,7 +103,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     ray.init(address=cluster_address(args.address), logging_level="ERROR")
     try:
         hosts = _targets(args, alive_hosts())
-    except (ValueError, *_plan_errors()) as e:
+    except (ValueError, *fleet_cli.plan_errors()) as e:
         return _err(f"models pull: {e}")
     print(f"copying to {', '.join(hosts)} over the cluster", flush=True)
     results: dict[str, str] = {}
@@ -119,12 +121,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if failed:
         print("run the same command again: completed files are kept, partial ones resume", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _plan_errors() -> tuple[type[Exception], ...]:
-    from . import fleet_cli
-
-    return fleet_cli.plan_errors()
 
 
 def hub_models_by_host(timeout_s: float = 60.0) -> dict[str, list[dict[str, Any]]]:

@@ -29,11 +29,11 @@ def _prefix(app: str, deployment: str) -> str:
 class LoadReporter:
     """Used by a replica's constructor (on its own thread, before and while the engine loads)."""
 
-    def __init__(self, model: str, source: str) -> None:
+    def __init__(self, source: str) -> None:
         from ray.serve import context as sc
 
         rc = sc._get_internal_replica_context()
-        self.model, self.source = model, source
+        self.source = source
         self.replica = rc.replica_id.unique_id if rc else ""
         self.key = _prefix(rc.app_name, rc.deployment) + self.replica if rc else None  # None: not in Serve
         self._sent = 0.0

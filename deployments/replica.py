@@ -71,7 +71,7 @@ class ModelReplica:
         self.observer.attach(self.engine)
         t0 = time.monotonic()
         source = self.config.model_source()
-        progress = LoadReporter(self.config.name, str(source))
+        progress = LoadReporter(str(source))
         try:
             # A hub id is downloaded here, off the GPU thread, with progress for /ready and the log;
             # the engine's load then finds it in the cache.

@@ -5,10 +5,10 @@ its share does not fail: macOS swaps, and every replica on the Mac slows to a cr
 with a ``memory_limit_gb`` (a fleet plan sets it per replica, from the model's memory_gb) does two
 things. It sets MLX's memory limit (``mx.set_memory_limit``) and, on Metal, the wired limit
 (``mx.set_wired_limit``, which keeps the weights resident, capped at the device's recommended
-working set as mlx-lm does). And it admits a request only while the weights, the prompt cache's
-budget and the KV caches that admitted requests may grow to (prompt + max_tokens each) fit in the
-limit, less a margin for activations. A request that does not fit waits for running ones to
-finish; a full queue answers 429; a request that could never fit gets 413.
+working set as mlx-lm does). And it admits a request only while the KV caches that admitted
+requests may grow to (prompt + max_tokens each) fit in what the limit leaves beside the weights and
+the prompt cache's entries, less ``ACTIVATION_MARGIN`` of it for activations. A request that does
+not fit waits for running ones to finish; a full queue answers 429; one that could never fit gets 413.
 
 MLX's current memory API (``mx.set_memory_limit``, ``mx.set_wired_limit``, ``mx.device_info``) is
 used, not the deprecated ``mx.metal.*`` functions; the Metal branch is tested with the platform
