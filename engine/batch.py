@@ -56,10 +56,13 @@ def first_logits(model: Any, tokens: list[int], cache: list[Any] | None, stream:
 class TextBatch:
     """Continuous batch for one text model. Must be created and used on the GPU thread."""
 
+    takes_caches = True  # whether ``insert`` may continue a KV cache built outside the batch
+
     def __init__(self, model: Any, eos_ids: Sequence[int], *, max_batch_size: int,
-                 prefill_batch_size: int, prefill_step_size: int) -> None:
+                 prefill_batch_size: int, prefill_step_size: int, sampler: Sampler | None = None) -> None:
         self._gen = BatchGenerator(
             model,
+            sampler=sampler,  # rows inserted without a sampler of their own (None: greedy)
             stop_tokens=[[t] for t in eos_ids] or None,
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(prefill_batch_size, max_batch_size),

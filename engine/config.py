@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .distributed import ShardSpec
 from .images import ImagePolicy
 
 
@@ -46,6 +47,9 @@ class EngineConfig(BaseModel):
     stuck_after_s: float = Field(120.0, gt=0, description="Health fails when work waits and the GPU thread has not ticked this long.")
     warmup: bool = True
     images: ImagePolicy = Field(default_factory=ImagePolicy, description="Limits and sources for image inputs.")
+    shard: ShardSpec | None = Field(
+        None, description="This process is rank 0 of a model sharded across processes (engine/shard.py): the "
+                          "model it loads is its shard, and the other ranks replay its steps.")
 
     @property
     def memory_budget_bytes(self) -> int | None:

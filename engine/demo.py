@@ -75,8 +75,10 @@ PLAIN_CHAT_TEMPLATE = (
 
 
 class DemoPreset(BaseModel):
-    """Shape of a demo llama; ``vocab_size`` is exact (the tokenizer is padded to it)."""
+    """Shape of a demo model; ``vocab_size`` is exact (the tokenizer is padded to it). mlx-lm's llama
+    can be sharded in tensor mode only; its qwen2 in pipeline and tensor mode (``sharded_load``)."""
 
+    arch: Literal["llama", "qwen2"] = "llama"
     hidden_size: int
     num_hidden_layers: int
     intermediate_size: int
@@ -103,9 +105,16 @@ PRESETS: dict[str, DemoPreset] = {
         hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, dtype="bfloat16",
     ),
+    # A few MB, a qwen2: heads, layers and widths divide by 2 and 3, so it shards in both modes
+    # across 2 or 3 ranks (the sharded-replica tests and config/sharded.yaml).
+    "tiny-qwen2": DemoPreset(
+        arch="qwen2", hidden_size=96, num_hidden_layers=6, intermediate_size=192,
+        num_attention_heads=6, num_key_value_heads=6, vocab_size=1024,
+    ),
 }
 
-PresetName = Literal["tiny", "bench", "llama-1b"]
+PresetName = Literal["tiny", "bench", "llama-1b", "tiny-qwen2"]
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def corpus_text() -> str:
@@ -147,8 +156,8 @@ def _train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS
 
 def _model_config(p: DemoPreset) -> dict:
     return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": p.arch,
+        "architectures": [ARCHITECTURES[p.arch]],
         "hidden_size": p.hidden_size,
         "num_hidden_layers": p.num_hidden_layers,
         "intermediate_size": p.intermediate_size,
@@ -164,16 +173,22 @@ def _model_config(p: DemoPreset) -> dict:
 
 
 def _write_weights(config: dict, seed: int, path: Path, dtype: str = "float32") -> None:
+    """One safetensors file and its index (mlx-lm's pipeline loading reads which layers a file holds)."""
+    import importlib
+
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
 
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model = arch.Model(arch.ModelArgs.from_dict(config))
     # Wider logits than the default init so greedy choices are decisive rather than near-ties.
     model.lm_head.weight = model.lm_head.weight * 8.0
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+             "weight_map": {k: path.name for k in sorted(weights)}}
+    path.with_name("model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _staging_dir(out: Path, force: bool) -> Path | None:
@@ -226,7 +241,7 @@ def make_demo_model(out_dir: str | Path, preset: PresetName = "tiny", force: boo
     (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
     _write_weights(config, p.seed if seed is None else seed, tmp / "model.safetensors", p.dtype)
     (tmp / "README.md").write_text(
-        f"# mlx-serving demo model ({preset})\n\nA llama with random weights and a byte-level BPE "
+        f"# mlx-serving demo model ({preset})\n\nA {p.arch} with random weights and a byte-level BPE "
         "tokenizer trained on a small shipped corpus. It generates gibberish: it exists to exercise "
         "the serving system offline. Built by `mlx-serving models make-demo`.\n"
     )

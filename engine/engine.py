@@ -169,6 +169,9 @@ class Engine:
         if (request.prompt_logprobs is not None or p.max_tokens == 0) and vision is not None:
             raise InvalidRequestError("prompt logprobs and max_tokens 0 are not supported for vision models",
                                       param="max_tokens", code="unsupported_parameter")
+        if request.prompt_logprobs is not None and m.sharded:  # scoring is a forward pass outside the batch
+            raise InvalidRequestError("prompt logprobs are not supported for a model sharded across hosts",
+                                      param="prompt_logprobs", code="unsupported_parameter")
         prompt_text = None
         if request.echo:
             prompt_text = request.prompt if request.prompt is not None else m.tokenizer.decode(prompt)

@@ -49,6 +49,12 @@ class LoadedModel:
     lane_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # GPU time: [batch, speculative]
     kv_per_token: int | None = None  # KV cache bytes per token (engine.memory), for memory admission
     solo: dict[str, Any] = field(default_factory=dict)  # request id -> the sequence decoding alone (engine.solo)
+    shard: Any = None  # distributed.ShardSpec of this rank when the model is sharded across processes (engine.shard)
+
+    @property
+    def sharded(self) -> bool:
+        """Every forward pass of a sharded model must go through its batch (the other ranks replay it)."""
+        return self.shard is not None
 
     @cached_property
     def chat(self) -> ChatFormat:
@@ -81,6 +87,7 @@ class LoadedModel:
             name=self.name, source=self.source, kind=self.kind, nbytes=self.nbytes, vocab_size=self.vocab_size,
             loaded_at=self.loaded_at, active=len(self.active()), waiting=len(self.waiting),
             draft=self.draft is not None, prompt_cache_bytes=self.prompt_cache.nbytes if self.prompt_cache else 0,
+            shard=f"{self.shard.mode}, {self.shard.size} ranks" if self.shard is not None else None,
         )
 
 

@@ -348,3 +348,4 @@ class ModelInfo(BaseModel):
     waiting: int = 0
     draft: bool = False
     prompt_cache_bytes: int = 0
+    shard: str | None = None  # a model sharded across processes: "tensor, 2 ranks"; nbytes is this rank's shard

@@ -47,6 +47,8 @@ from .prompt_cache import PromptCache
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, RowGuard, Sampler
 from .scoring import score_prompt
+from .distributed import ShardLost, Watchdog
+from .shard import load_rank0
 from .solo import SoloRun
 from .speculative import SpeculativeRun
 from .streams import RequestStream, Waker
@@ -139,6 +141,7 @@ class GpuScheduler:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._by_request: dict[str, Sequence] = {}
         self._death_listeners: list[Callable[[BaseException], None]] = []
+        self._dying = threading.Lock()
         self.observer = observer or EngineObserver()
         self.memory = MemoryBudget(config.memory_limit_bytes)
         self._thread = threading.Thread(target=self._run, name="mlx-gpu-scheduler", daemon=True)
@@ -189,21 +192,34 @@ class GpuScheduler:
                         self._expire(m, now)
                         self._admit(m)
                         self._step(m)
+                    elif m.sharded:
+                        m.batch.keepalive()  # the other ranks tell an idle rank 0 from a lost one
                 self.waker.flush()
                 self.heartbeat = time.monotonic()
         except _Stop:
             self._fail_all(EngineFailureError("engine is shutting down"))
         except BaseException as e:  # noqa: BLE001 - whatever killed the loop, every waiter must hear
             log.exception("GPU scheduler thread died")
-            self.dead = e
-            self._fail_all(EngineFailureError("the engine's GPU thread died", code="engine_dead"))
-            for listener in self._death_listeners:
-                try:
-                    listener(e)
-                except Exception:  # noqa: BLE001
-                    log.exception("engine death listener failed")
+            self._die(e)
         finally:
             restore_limits(limits)
+
+    def _die(self, e: BaseException) -> None:
+        """Fail every waiter and call the death listeners, once: from the dying loop, or from a sharded
+        model's watchdog while this thread hangs in a collective that will never complete."""
+        with self._dying:
+            if self.dead is not None:
+                return
+            self.dead = e
+        self._fail_all(EngineFailureError("the engine's GPU thread died", code="engine_dead"))
+        for listener in self._death_listeners:
+            try:
+                listener(e)
+            except Exception:  # noqa: BLE001
+                log.exception("engine death listener failed")
+
+    def _shard_expired(self, what: str) -> None:
+        self._die(ShardLost(f"sharded model: {what} took longer than its timeout"))
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -408,7 +424,7 @@ class GpuScheduler:
             self._start_group(m, seq, cache, cached)
             return
         seq.cached_tokens = self._reused(seq, cached)
-        if self._start_solo(m, seq, cache, cached) or self._first_token_alone(m, seq, cache, cached):
+        if not m.sharded and (self._start_solo(m, seq, cache, cached) or self._first_token_alone(m, seq, cache, cached)):
             return
         prompt = seq.vision if seq.vision is not None else seq.prompt[cached:]
         seq.uid = m.batch.insert(prompt, p.max_tokens, seq.sampler, seq.processors, cache=cache,
@@ -537,14 +553,19 @@ class GpuScheduler:
                 member.prompt_lps = leader.prompt_lps
                 self._score_only(m, member, self._reused(leader, cached))
             return
-        cache = prefill(m.model, prompt[cached:-1], cache, m.batch.stream, self.config.prefill_step_size)
+        shared = m.batch.takes_caches  # a sharded batch: each choice prefills its own prompt
+        if shared:
+            cache = prefill(m.model, prompt[cached:-1], cache, m.batch.stream, self.config.prefill_step_size)
         for member in leader.members:
             member.cached_tokens, member.prompt_lps = self._reused(leader, cached), leader.prompt_lps
             if member is not leader:
                 member.output = SequenceOutput(m.tokenizer, p, m.eos_ids, m.chat, member.channel, member.tools)
-            member.uid = m.batch.insert(prompt[-1:], p.max_tokens, member.sampler, member.processors,
-                                        cache=copy.deepcopy(cache) if cache is not None else None,
-                                        cached_tokens=prompt[:-1])
+            if shared:
+                member.uid = m.batch.insert(prompt[-1:], p.max_tokens, member.sampler, member.processors,
+                                            cache=copy.deepcopy(cache) if cache is not None else None,
+                                            cached_tokens=prompt[:-1])
+            else:
+                member.uid = m.batch.insert(prompt, p.max_tokens, member.sampler, member.processors)
             m.running[member.uid] = member
 
     def _score_only(self, m: LoadedModel, seq: Sequence, cached: int) -> None:
@@ -750,20 +771,28 @@ class GpuScheduler:
                     log.info("unloading %s (least recently used) to make room for %s", victim, name)
                     self.unload(victim)
         t0 = time.monotonic()
-        if detect_kind(source) == "vision":
+        shard = self.config.shard
+        if shard is not None:
+            if draft_source is not None or adapter is not None or detect_kind(source) == "vision":
+                raise ModelLoadError(f"model {name!r}: a sharded model takes no draft model, adapter or vision tower")
+            if any(x.sharded for x in self.models.values()):
+                raise ModelLoadError(f"model {name!r}: this engine already serves its one sharded model")
+            watchdog = Watchdog(shard.step_timeout_s, self._shard_expired)
+            m = load_rank0(name, source, shard, watchdog, self._batch_kwargs())
+        elif detect_kind(source) == "vision":
             m = load_vision_model(name, source, self._batch_kwargs(), adapter)
             if self.config.warmup:
                 warmup_vision(m, self.config.images)
         else:
             m = load_text_model(name, source, self._batch_kwargs(), adapter)
         m.source = str(spec)
-        if self.memory.limit is not None:
+        if self.memory.limit is not None and not m.sharded:  # a shard measured it on every rank as it loaded
             m.kv_per_token = kv_bytes_per_token(m.model if m.kind == "text" else m.model.language_model)
         if draft_source is not None:
             m.draft = load_draft_model(m, draft_source)
         if self.config.warmup:
             warmup(m)
-        if self.config.prompt_cache_gb > 0 and m.kind == "text":
+        if self.config.prompt_cache_gb > 0 and m.kind == "text" and not m.sharded:
             m.prompt_cache = PromptCache(int(self.config.prompt_cache_gb * 1e9), self.config.prompt_cache_entries)
         self.models[name] = m
         self.observer.on_load(name, time.monotonic() - t0, m.nbytes)

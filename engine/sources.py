@@ -2,7 +2,7 @@
 
 A hub id is resolved to its local snapshot (downloaded when missing, from the cache when
 ``HF_HUB_OFFLINE`` is set) before anything inspects it, so a vision model given by hub id is
-recognised as one. ``demo:tiny`` / ``demo:bench`` / ``demo:vision`` name the offline demo models;
+recognised as one. ``demo:tiny`` / ``demo:bench`` / ``demo:vision`` / ``demo:tiny-qwen2`` name the offline demo models;
 they are built on first use into the cache directory (``$MLX_SERVING_CACHE``, default
 ``~/.cache/mlx-serving``) on the host that needs them, so a fleet needs no shared filesystem to
 serve the demo.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEMO_PREFIX = "demo:"
-DEMO_KINDS = ("tiny", "bench", "vision")
+DEMO_KINDS = ("tiny", "bench", "vision", "tiny-qwen2")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 ADAPTER_FILES = ["adapters.safetensors", "adapter_config.json"]  # what mlx-lm's load_adapters reads
 Progress = Callable[[int, int], None]  # (bytes written, bytes to write) of a download
