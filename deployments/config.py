@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.config import EngineConfig
+from engine.distributed import ShardMode
 from engine.request import MAX_JSON_DEPTH
 from engine.sources import HUB_ID, ModelSource
 
@@ -50,6 +51,56 @@ class FaultInjection(BaseModel):
             return False
         text = request.get("prompt") or request.get("messages") or ""
         return marker in (text if isinstance(text, str) else json.dumps(text))
+
+
+class ShardConfig(BaseModel):
+    """One replica that spans several hosts (engine/shard.py, docs/fleet.md): a model no single host
+    can hold. Each host loads its shard; rank 0, on the first host, runs the engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: list[str] = Field(min_length=2, max_length=16, description="The hosts, in rank order (rank 0 first).")
+    mode: ShardMode = Field(
+        "pipeline", description="pipeline: each host holds whole layers, activations pass once per step (fits "
+                                "Ethernet); tensor: each host holds a slice of every layer, two all-reduces per "
+                                "layer (wants Thunderbolt).")
+    backend: Literal["auto", "ring", "jaccl"] = Field(
+        "auto", description="ring: TCP; jaccl: RDMA over Thunderbolt 5 (macOS 26.2+, needs rdma_devices); auto: "
+                            "jaccl when rdma_devices are given and MLX offers it, else ring.")
+    addresses: dict[str, str] = Field(
+        default_factory=dict, description="host -> the IP address its ring connections use (e.g. its Thunderbolt "
+                                          "bridge address); default: the address of its Ray node.")
+    rdma_devices: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="jaccl: host -> {other host: the RDMA device that links them}, every pair.")
+    step_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a step or a message between the ranks may take; then the replica is rebuilt.")
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_ok(cls, v: list[str]) -> list[str]:
+        return check_hosts(v)
+
+    @model_validator(mode="after")
+    def _references(self) -> ShardConfig:
+        unknown = sorted((set(self.addresses) | set(self.rdma_devices)) - set(self.hosts))
+        if unknown:
+            raise ValueError(f"addresses / rdma_devices name host(s) outside shard.hosts: {', '.join(unknown)}")
+        if self.backend == "jaccl":
+            missing = [f"{a} to {b}" for a in self.hosts for b in self.hosts
+                       if a != b and b not in self.rdma_devices.get(a, {})]
+            if missing:
+                raise ValueError(f"jaccl needs an RDMA device for every pair of hosts; missing: {', '.join(missing[:4])}")
+        return self
+
+
+def check_hosts(v: list[str]) -> list[str]:
+    for h in v:
+        if not _HOST.match(h):
+            raise ValueError(f"host {h!r} is not a valid Ray label value (1-63 letters, digits, '-', '_', '.')")
+    dupes = sorted({h for h in v if v.count(h) > 1})
+    if dupes:
+        raise ValueError(f"repeated host(s): {', '.join(dupes)}")
+    return v
 
 
 class ModelDeploymentConfig(BaseModel):
@@ -99,6 +150,8 @@ class ModelDeploymentConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     qos: QosConfig = Field(default_factory=QosConfig, description="Deadlines, SLOs and remediation (docs/qos.md).")
     fault: FaultInjection | None = None
+    shard: ShardConfig | None = Field(
+        None, description="Serve this model with one replica across several hosts (docs/fleet.md).")
 
     @field_validator("name")
     @classmethod
@@ -132,13 +185,26 @@ class ModelDeploymentConfig(BaseModel):
     @field_validator("hosts", "fallback_hosts")
     @classmethod
     def _hosts_ok(cls, v: list[str]) -> list[str]:
-        for h in v:
-            if not _HOST.match(h):
-                raise ValueError(f"host {h!r} is not a valid Ray label value (1-63 letters, digits, '-', '_', '.')")
-        dupes = sorted({h for h in v if v.count(h) > 1})
-        if dupes:
-            raise ValueError(f"repeated host(s): {', '.join(dupes)}")
-        return v
+        return check_hosts(v)
+
+    @model_validator(mode="after")
+    def _sharded(self) -> ModelDeploymentConfig:
+        """A sharded replica is one placement group over its hosts: what would place it otherwise, or
+        run a forward pass outside its batch, is refused here."""
+        if self.shard is None:
+            return self
+        clash = [name for name, given in (
+            ("hosts", self.hosts), ("fallback_hosts", self.fallback_hosts),
+            ("max_replicas_per_node", self.max_replicas_per_node is not None),
+            ("autoscaling_config", self.autoscaling_config is not None), ("draft_model", self.draft_model),
+            ("adapter_path", self.adapter_path)) if given]
+        if clash:
+            raise ValueError(f"a sharded model takes none of: {', '.join(clash)} (shard.hosts places it)")
+        if self.num_replicas != 1:
+            raise ValueError("a sharded model has one replica (num_replicas: 1): it already spans its hosts")
+        if self.routing == "prefix":
+            raise ValueError("routing: prefix needs several replicas and a prefix cache; a sharded model has neither")
+        return self
 
     @model_validator(mode="after")
     def _revision_needs_a_hub_id(self) -> ModelDeploymentConfig:

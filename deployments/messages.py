@@ -31,6 +31,16 @@ class ReplicaError(BaseModel):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class RankInfo(BaseModel):
+    """One rank of a sharded replica (rank 0 is the replica itself)."""
+
+    rank: int
+    host: str | None
+    address: str  # ip:port of its ring connections
+    pid: int
+    node_id: str
+
+
 class ReplicaInfo(BaseModel):
     """What a replica says about itself (status, readiness, tests that check pinning)."""
 
@@ -46,6 +56,7 @@ class ReplicaInfo(BaseModel):
     submitted_total: int = 0  # requests that reached the engine
     models: list[ModelInfo]
     rss_bytes: int = 0  # resident memory of the replica process (overload runs watch it)
+    ranks: list[RankInfo] = []  # a sharded replica: every rank, itself first
 
 
 class RemoteError(EngineError):

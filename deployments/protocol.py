@@ -459,9 +459,10 @@ class ModelStatus(BaseModel):
     replicas_healthy: int | None = None
     detail: str = ""
     replicas_target: int | None = None  # what the config asks for (autoscaling: min_replicas)
-    degraded: bool = False  # serving, with fewer running replicas than replicas_target (a host is down)
+    degraded: bool = False  # fewer running replicas than replicas_target (a host is down), or a sharded replica lost a host
     autoscaling_target: int | None = None  # autoscaled models: the replicas Serve's autoscaler wants now
     loading: list[ReplicaLoad] = []  # replicas still starting: downloading or loading their weights
+    lost_hosts: list[str] = []  # a sharded model's hosts with no live node: its replica waits for them
 
 
 class ReadyResponse(BaseModel):

@@ -80,8 +80,20 @@ class Readiness:
                 starting = {r.replica_id for r in d.replicas if _status_name(r.state) != "RUNNING"}
                 loading = load_progress.read(self.app_name, m.deployment_name, starting) if starting else []
                 detail += "".join(f"; {r.describe()}" for r in loading)
+            lost = self._lost_hosts(m.shard.hosts) if m.shard is not None and running < target else []
+            if lost:
+                detail += (f"; degraded: sharded across {', '.join(m.shard.hosts)}, lost host(s) {', '.join(lost)}: "
+                           "the replica is rebuilt when they are back")
             out.append(ModelStatus(name=m.name, ready=running > 0, replicas_healthy=running, detail=detail,
-                                   replicas_target=target, degraded=0 < running < target,
+                                   replicas_target=target, degraded=0 < running < target or bool(lost),
                                    autoscaling_target=d.target_num_replicas if m.autoscaling_config else None,
-                                   loading=loading))
+                                   loading=loading, lost_hosts=lost))
         return out
+
+    @staticmethod
+    def _lost_hosts(hosts: list[str]) -> list[str]:
+        """The hosts of a sharded model with no live Ray node: what its replica waits for."""
+        import ray
+
+        alive = {str(n.get("Labels", {}).get("host")) for n in ray.nodes() if n.get("Alive")}
+        return [h for h in hosts if h not in alive]

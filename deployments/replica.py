@@ -36,6 +36,7 @@ from .config import FaultInjection, ModelDeploymentConfig
 from .load_progress import LoadReporter
 from .messages import ReplicaError, ReplicaInfo
 from .metrics import RayMetricsObserver
+from . import sharding
 from .statuses import status_of
 
 log = logging.getLogger("mlx_serving.replica")
@@ -67,7 +68,14 @@ class ModelReplica:
         self.config = ModelDeploymentConfig.model_validate(config)
         events.setup("replica")
         self.observer = RayMetricsObserver()  # engine metrics through Ray (deployments.metrics)
-        self.engine = Engine(self.config.engine_config(), observer=self.observer)
+        engine_config = self.config.engine_config()
+        self.ranks: sharding.ShardRanks | None = None
+        if self.config.shard is not None:  # this replica is rank 0 of a model across hosts (deployments.sharding)
+            self.ranks = sharding.ShardRanks(self.config)
+            specs = self.ranks.spec()
+            engine_config = engine_config.model_copy(update={"shard": specs[0]})
+            fetched = self.ranks.prepare()
+        self.engine = Engine(engine_config, observer=self.observer)
         self.observer.attach(self.engine)
         t0 = time.monotonic()
         source = self.config.model_source()
@@ -78,6 +86,8 @@ class ModelReplica:
             source.local_dir(progress=progress.downloading)
             source.local_adapter()
             draft = sources.resolve(self.config.draft_model) if self.config.draft_model else None
+            if self.ranks is not None:
+                self.ranks.start(fetched, specs)
             progress.loading()
             # Blocks this constructor until the weights are loaded and warmed up: Serve marks the
             # replica ready only then, so no request ever waits on a cold model.
@@ -85,10 +95,18 @@ class ModelReplica:
         finally:
             progress.done()
         self.engine.on_death(self._engine_died)
+        if self.ranks is not None:
+            self.ranks.watch(self._rank_lost)
         events.replica_started(self.config.name, time.monotonic() - t0, source=str(source))
 
     def _engine_died(self, exc: BaseException) -> None:
-        events.engine_dead(self.config.name, f"GPU thread died: {type(exc).__name__}; the replica exits")
+        self._exit(f"GPU thread died: {type(exc).__name__}: {exc}; the replica exits")
+
+    def _rank_lost(self, what: str) -> None:
+        self._exit(f"sharded model: {what}; the replica exits and is rebuilt when its hosts allow")
+
+    def _exit(self, detail: str) -> None:
+        events.engine_dead(self.config.name, detail)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(1)
@@ -192,6 +210,7 @@ class ModelReplica:
             node_id=ctx.get_node_id(), pid=os.getpid(), active=h.active, waiting=h.waiting, cancelled_total=h.cancelled_total,
             submitted_total=h.submitted_total,
             models=self.engine.list_models(), rss_bytes=psutil.Process().memory_info().rss,
+            ranks=self.ranks.ranks if self.ranks is not None else [],
         )
 
     def check_health(self) -> None:
@@ -202,6 +221,8 @@ class ModelReplica:
             raise RuntimeError(f"engine unhealthy: {h.detail}")
 
     async def __del__(self) -> None:
+        if self.ranks is not None:
+            self.ranks.stopping()  # the followers end with the placement group Serve removes next
         await self.engine.shutdown(self.config.graceful_shutdown_timeout_s)
 
 
@@ -220,6 +241,8 @@ def replica_deployment(cfg: ModelDeploymentConfig) -> serve.Deployment:
         options["num_replicas"] = cfg.num_replicas
     if cfg.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = cfg.max_replicas_per_node
+    if cfg.shard is not None:
+        options.update(sharding.deployment_options(cfg), ray_actor_options=sharding.rank0_actor_options(cfg))
     if cfg.routing == "prefix":
         from ray.serve.config import RequestRouterConfig
 
