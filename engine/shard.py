@@ -201,3 +201,24 @@ def follow(source: str, spec: ShardSpec, watchdog: Watchdog) -> None:
 def _placeholder(logprobs: mx.array) -> mx.array:
     """A follower's 'sampler': its tokens are replaced by rank 0's before they are used."""
     return mx.zeros((logprobs.shape[0],), dtype=mx.uint32)
+
+
+def supported_modes(model_dir: str) -> set[str]:
+    """The shard modes the checkpoint's mlx-lm architecture offers (from its config, without loading
+    or allocating anything): ``pipeline`` needs ``model.model.pipeline``, ``tensor`` needs ``model.shard``."""
+    import inspect
+    import json
+    from pathlib import Path
+
+    from mlx_lm.models.pipeline import PipelineMixin
+    from mlx_lm.utils import _get_classes  # pinned mlx-lm 0.32.2: the architecture a config names
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model_class, _ = _get_classes(config)
+    module = inspect.getmodule(model_class)
+    modes = set()
+    if any(isinstance(v, type) and issubclass(v, PipelineMixin) and v is not PipelineMixin for v in vars(module).values()):
+        modes.add("pipeline")
+    if hasattr(model_class, "shard"):
+        modes.add("tensor")
+    return modes
