@@ -105,6 +105,11 @@ PRESETS: dict[str, DemoPreset] = {
         hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, dtype="bfloat16",
     ),
+    # The bench shape as a qwen2, which mlx-lm shards in pipeline mode too (loadtests/bench_sharded.py).
+    "bench-qwen2": DemoPreset(
+        arch="qwen2", hidden_size=768, num_hidden_layers=14, intermediate_size=2048,
+        num_attention_heads=12, num_key_value_heads=4, vocab_size=8192,
+    ),
     # A few MB, a qwen2: heads, layers and widths divide by 2 and 3, so it shards in both modes
     # across 2 or 3 ranks (the sharded-replica tests and config/sharded.yaml).
     "tiny-qwen2": DemoPreset(
@@ -113,7 +118,7 @@ PRESETS: dict[str, DemoPreset] = {
     ),
 }
 
-PresetName = Literal["tiny", "bench", "llama-1b", "tiny-qwen2"]
+PresetName = Literal["tiny", "bench", "llama-1b", "tiny-qwen2", "bench-qwen2"]
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
