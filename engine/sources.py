@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEMO_PREFIX = "demo:"
-DEMO_KINDS = ("tiny", "bench", "vision", "tiny-qwen2")
+DEMO_KINDS = ("tiny", "bench", "vision", "tiny-qwen2", "bench-qwen2")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 ADAPTER_FILES = ["adapters.safetensors", "adapter_config.json"]  # what mlx-lm's load_adapters reads
 Progress = Callable[[int, int], None]  # (bytes written, bytes to write) of a download
