@@ -27,46 +27,54 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_file(path: str) -> tuple[str, list[str], list[str]]:
-    """``(what the file is, problems, warnings)``: a fleet inventory (a top-level ``hosts:``) is
-    checked as one (``mlx-serving plan`` reads those), anything else as a Serve config."""
+def _check_file(path: str) -> tuple[str, list[str], list[str], list[str]]:
+    """``(what the file is, problems, warnings, notes)``: a fleet inventory (a top-level ``hosts:``)
+    is checked as one (``mlx-serving plan`` reads those), anything else as a Serve config. A sharded
+    model's mode is checked against its architecture where the model is here (notes say where not)."""
     import yaml
 
+    from . import shard_modes
     from .inventory import FleetError, parse_fleet
 
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
-        return "file", [str(e)], []
+        return "file", [str(e)], [], []
     if isinstance(data, dict) and "hosts" in data and "applications" not in data:
         try:
             fleet = parse_fleet(data, path)
         except FleetError as e:
-            return "fleet inventory", [f"{loc or '<root>'}: {msg}" for loc, msg in e.problems], []
-        return f"fleet inventory: {len(fleet.hosts)} host(s), {len(fleet.models)} model(s)", [], []
+            return "fleet inventory", [f"{loc or '<root>'}: {msg}" for loc, msg in e.problems], [], []
+        found, notes = shard_modes.check(shard_modes.in_fleet(fleet))
+        return f"fleet inventory: {len(fleet.hosts)} host(s), {len(fleet.models)} model(s)", found, [], notes
     if not isinstance(data, dict):
         return "file", [f"the top level must be a mapping: `applications:` (a Serve config) or `hosts:` "
-                        f"(a fleet inventory), not {type(data).__name__}"], []
+                        f"(a fleet inventory), not {type(data).__name__}"], [], []
     # A warning, not an error: the key may come from MLX_SERVING_API_KEYS when `mlx-serving up` runs
     # (validate cannot see that environment), and `up` refuses the bind itself if it does not.
     try:
         warning = exposure.http_bind_problem(data, allowed_by_flag=False, at_up=False)
-        return "Serve config", serve_config.problems(data), [warning] if warning else []
+        found = serve_config.problems(data)  # shard modes included
     except ValueError as e:
-        return "Serve config", [str(e)], []
+        return "Serve config", [str(e)], [], []
+    apps = data.get("applications") if isinstance(data.get("applications"), list) else []
+    notes = [n for i, a in enumerate(apps) if isinstance(a, dict) and a.get("import_path") == serve_config.BUILD_APP
+             for n in serve_config.shard_mode_problems(a, f"applications[{i}]")[1]]
+    return "Serve config", found, [warning] if warning else [], notes
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.files:
-        kind, found, warnings = _check_file(path)
+        kind, found, warnings, unchecked = _check_file(path)
         if found:
             bad += 1
             print(f"{path}: {len(found)} problem(s)")
         else:
             notes = [kind] if kind.startswith("fleet") else []
             notes += [f"{len(warnings)} warning(s)"] if warnings else []
+            notes += unchecked
             print(f"{path}: ok" + (f" ({'; '.join(notes)})" if notes else ""))
         for p in found:
             print(f"  - {p}")

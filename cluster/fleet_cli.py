@@ -85,9 +85,13 @@ def warn_missing_hosts(address: str, config: dict[str, Any]) -> None:
         return
     for a in serve_config.app_args(config):
         for m in a.get("models", []):
-            pinned = list(m.get("hosts") or [])
+            pinned = list(m.get("hosts") or []) + list((m.get("shard") or {}).get("hosts") or [])
             missing = [h for h in pinned if h not in alive]
-            if missing:
+            if missing and m.get("shard"):
+                print(f"warning: model {m.get('name')} (sharded across {', '.join(m['shard'].get('hosts') or [])}): "
+                      f"host(s) {', '.join(missing)} have no Ray node; it waits for all of them; hosts up: "
+                      f"{', '.join(sorted(alive)) or 'none'}", file=sys.stderr)
+            elif missing:
                 spare = [h for h in m.get("fallback_hosts") or [] if h in alive]
                 then = f"they go to {', '.join(spare)} if there is room" if spare else "they wait for those hosts"
                 print(f"warning: model {m.get('name')}: host(s) {', '.join(missing)} have no Ray node ({then}); "
@@ -516,6 +520,8 @@ def print_memory_plan(inventory: str, alive: dict[str, str], replicas: dict[str,
     print(f"memory plan ({inventory}):")
     for r in [head, *rows]:
         print("  " + "  ".join(c.rjust(w) if i in (2, 3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    for line in plan.shard_lines():
+        print(f"  {line}")
     down = [u.host for u in plan.hosts if u.host not in alive and u.replicas]
     if down:
         print(f"  hosts down with planned replicas: {', '.join(down)} (their replicas run elsewhere if their "

@@ -13,10 +13,12 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deployments.config import ShardConfig, check_hosts
 
 GB = 2**30
 
@@ -28,7 +30,7 @@ _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0
 RESERVED_LABEL = "host"
 # Fields of a model's Serve deployment that the placement plan decides (cluster/pins.py).
 PLANNED_FIELDS = frozenset({"name", "source", "num_replicas", "autoscaling_config", "hosts", "fallback_hosts",
-                            "max_replicas_per_node", "memory_gb"})
+                            "max_replicas_per_node", "memory_gb", "shard"})
 
 
 def _check_label(value: str, what: str) -> str:
@@ -104,6 +106,28 @@ class Host(BaseModel):
         return {RESERVED_LABEL: self.name, **self.labels}
 
 
+_SHARD_HOSTS = ShardConfig.model_fields["hosts"]
+
+
+class FleetShard(ShardConfig):
+    """A fleet model's ``shard:``: the Serve config's ShardConfig with ``hosts`` optional; without them
+    the planner chooses the hosts (cluster/placement.py) and, unless ``mode`` is given, the mode."""
+
+    hosts: Annotated[(_SHARD_HOSTS.annotation, *_SHARD_HOSTS.metadata)] | None = Field(  # type: ignore[valid-type]
+        None, description=f"{_SHARD_HOSTS.description} Default: the fewest hosts that hold the model.")
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_ok(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else check_hosts(v)
+
+    @model_validator(mode="after")
+    def _references(self) -> FleetShard:
+        # Without hosts, addresses and rdma_devices may name any host of the fleet (reference_problems);
+        # the planner keeps those of the hosts it chooses and checks them as a ShardConfig.
+        return self if self.hosts is None else super()._references()
+
+
 class ModelPlacementSpec(BaseModel):
     """How many replicas of a model to run and where they may go."""
 
@@ -119,6 +143,11 @@ class ModelPlacementSpec(BaseModel):
         description="Weights in GB, instead of measuring the safetensors files; the KV budget is added.",
     )
     kv_cache_gb: float | None = Field(default=None, ge=0, description="KV cache budget per replica.")
+    shard: FleetShard | None = Field(
+        default=None,
+        description="Run one replica across several hosts, each holding a shard (a model no single host can "
+                    "hold). A model that fits on no eligible host is sharded without it.",
+    )
     deployment: dict[str, Any] = Field(
         default_factory=dict,
         description="More fields of the model's Serve deployment (engine, num_cpus, max_ongoing_requests, ...); "
@@ -130,8 +159,16 @@ class ModelPlacementSpec(BaseModel):
     def _no_placement_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
         taken = sorted(set(v) & PLANNED_FIELDS)
         if taken:
-            raise ValueError(f"{', '.join(taken)} are set from the plan; use replicas, hosts and host_labels instead")
+            verb = "is" if len(taken) == 1 else "are"
+            raise ValueError(f"{', '.join(taken)} {verb} set from the plan; use replicas, hosts, host_labels and "
+                             "shard instead")
         return v
+
+    @model_validator(mode="after")
+    def _one_sharded_replica(self) -> ModelPlacementSpec:
+        if self.shard is not None and self.replicas != 1:
+            raise ValueError("a sharded model has one replica (replicas: 1): it already spans its hosts")
+        return self
 
     def selects(self, host: Host) -> bool:
         """Whether ``host`` passes both the allow-list and the label selector."""
@@ -221,6 +258,8 @@ def reference_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
             for j, hn in enumerate(allow):
                 if isinstance(hn, str) and first_seen and hn not in first_seen:
                     problems.append((f"models.{i}.hosts.{j}", f"unknown host {hn!r} (hosts are {known})"))
+        if first_seen:
+            problems += _shard_host_problems(m.get("shard"), f"models.{i}.shard", first_seen, known)
         selector = m.get("host_labels")
         if not first_seen or (selector is not None and not isinstance(selector, Mapping)):
             continue
@@ -231,6 +270,22 @@ def reference_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
             scope = "allowed host" if allow_ok else "host"
             problems.append((f"models.{i}.host_labels", f"selector {dict(selector)} matches no {scope}"))
     return problems
+
+
+def _shard_host_problems(shard: Any, where: str, hosts: Mapping[str, int], known: str) -> list[tuple[str, str]]:
+    """Host names in a model's ``shard:`` that are not hosts of the fleet."""
+    if not isinstance(shard, Mapping):
+        return []
+    found = []
+    if isinstance(shard.get("hosts"), list):
+        found += [(f"{where}.hosts.{j}", f"unknown host {hn!r} (hosts are {known})")
+                  for j, hn in enumerate(shard["hosts"]) if isinstance(hn, str) and hn not in hosts]
+    for field in ("addresses", "rdma_devices"):
+        named = shard.get(field)
+        if isinstance(named, Mapping):
+            found += [(f"{where}.{field}.{hn}", f"unknown host {hn!r} (hosts are {known})")
+                      for hn in named if isinstance(hn, str) and hn not in hosts]
+    return found
 
 
 class FleetError(ValueError):

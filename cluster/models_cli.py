@@ -50,7 +50,7 @@ def ray_call(actor: Any) -> Any:
 
 
 def hosts_for(model: str, inventory: str) -> list[str]:
-    """The hosts an inventory's plan runs ``model`` on, with their failover hosts."""
+    """The hosts an inventory's plan runs ``model`` on, with their failover hosts (a sharded model: all its hosts)."""
     from . import fleet_cli
 
     _, _, config = fleet_cli.config_from_inventory(inventory)
@@ -60,7 +60,8 @@ def hosts_for(model: str, inventory: str) -> list[str]:
         for m in app.get("args", {}).get("models", []):
             known.append(m["source"])
             if m["source"] == model:
-                hosts += [h for h in m.get("hosts", []) + m.get("fallback_hosts", []) if h not in hosts]
+                placed = m.get("hosts", []) + m.get("fallback_hosts", []) + (m.get("shard") or {}).get("hosts", [])
+                hosts += [h for h in placed if h not in hosts]
     if not hosts:
         raise ValueError(f"{inventory} runs no model from {model!r}; its sources: {', '.join(sorted(set(known)))}")
     return hosts

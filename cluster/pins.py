@@ -13,6 +13,9 @@ expressible; a per-deployment one is, and is exact when each planned host holds 
 - ``fallback_hosts``: the other hosts the model's constraints allow -> ``fallback_strategy``. Ray uses
   them only when no planned host can take a replica: when a host dies, its replicas restart on a
   host with room (memory permitting) instead of waiting for it to come back.
+
+A sharded model (one replica across hosts) gets none of these pins: its entry's ``shard.hosts`` name
+the planned hosts in rank order, ``num_replicas`` is 1 and ``memory_gb`` is each host's share.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import math
 from collections import Counter
 from typing import Any
 
-from .inventory import GB, Fleet
-from .placement import Plan, model_weight_bytes
+from .inventory import GB, Fleet, ModelPlacementSpec
+from .placement import Assignment, Plan, model_weight_bytes, shard_config
 
 APP_NAME = "mlx-serving"
 
@@ -45,6 +48,10 @@ def model_entries(fleet: Fleet, plan: Plan, *, failover: bool = True) -> list[di
     """The ``models:`` list of the application's args, placement fields filled from the plan."""
     out = []
     for spec in fleet.models:
+        sharded = plan.shard_of(spec.name)
+        if sharded is not None:
+            out.append(_sharded_entry(spec, sharded))
+            continue
         placed = plan.hosts_for(spec.name)
         counts = Counter(placed)
         hosts = list(dict.fromkeys(placed))
@@ -64,6 +71,22 @@ def model_entries(fleet: Fleet, plan: Plan, *, failover: bool = True) -> list[di
         entry.update(spec.deployment)
         out.append(entry)
     return out
+
+
+def _sharded_entry(spec: ModelPlacementSpec, rank0: Assignment) -> dict[str, Any]:
+    """A sharded model's entry: one replica whose ``shard.hosts`` place it (a bundle per host, in rank
+    order), so none of the single-host pins; ``memory_gb`` is each host's share."""
+    assert rank0.shard_mode is not None
+    shard = shard_config(spec, rank0.shard_hosts, rank0.shard_mode)
+    given = spec.shard.model_fields_set if spec.shard is not None else set()  # the rest keep ShardConfig's defaults
+    return {
+        "name": spec.name,
+        "source": spec.source,
+        "num_replicas": 1,
+        "memory_gb": _floor_mib_gb(int(round(rank0.footprint_gb * GB))),
+        "shard": shard.model_dump(mode="json", include={"hosts", "mode", *given}),
+        **spec.deployment,
+    }
 
 
 def app_args(fleet: Fleet, plan: Plan, *, failover: bool = True) -> dict[str, Any]:

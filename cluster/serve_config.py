@@ -99,6 +99,7 @@ def _app_problems(app: dict[str, Any], where: str) -> list[str]:
     if not args_ok:  # root-level problems that are not route problems (unique names, replicas)
         found.extend(f"{where}.args: {m}" for m in root_msgs if not any(rm in m for _, rm in route_msgs))
     found.extend(_ingress_problems(app, where))
+    found.extend(shard_mode_problems(app, where)[0])
     override = _router_override(app)
     if override is not None:
         j, entry = override
@@ -116,6 +117,14 @@ def _app_problems(app: dict[str, Any], where: str) -> list[str]:
         else:
             found.extend(f"{uc_where}.routes{_loc(path)}: {msg}" for path, msg in route_problems(cfg.routes, models))
     return found
+
+
+def shard_mode_problems(app: dict[str, Any], where: str) -> tuple[list[str], list[str]]:
+    """``(problems, notes)``: each sharded model whose architecture lacks its ``shard.mode``; notes for
+    those whose architecture is not here to look at (a hub id not downloaded yet)."""
+    from . import shard_modes
+
+    return shard_modes.check(shard_modes.in_app_args(app.get("args"), f"{where}.args"))
 
 
 def _override(app: dict[str, Any], name: str) -> dict[str, Any]:
