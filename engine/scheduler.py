@@ -198,6 +198,7 @@ class GpuScheduler:
                 self.heartbeat = time.monotonic()
         except _Stop:
             self._fail_all(EngineFailureError("engine is shutting down"))
+            self._stop_shards()
         except BaseException as e:  # noqa: BLE001 - whatever killed the loop, every waiter must hear
             log.exception("GPU scheduler thread died")
             self._die(e)
@@ -217,6 +218,16 @@ class GpuScheduler:
                 listener(e)
             except Exception:  # noqa: BLE001
                 log.exception("engine death listener failed")
+
+    def _stop_shards(self) -> None:
+        """Tell the other ranks of a sharded model that it stops (they would otherwise take rank 0's
+        silence for a lost group)."""
+        for m in self.models.values():
+            if m.sharded:
+                try:
+                    m.batch.close()
+                except BaseException:  # noqa: BLE001 - a group already lost has no one left to tell
+                    log.warning("model %s: the other ranks could not be told to stop", m.name, exc_info=True)
 
     def _shard_expired(self, what: str) -> None:
         self._die(ShardLost(f"sharded model: {what} took longer than its timeout"))
