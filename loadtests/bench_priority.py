@@ -64,20 +64,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interactive-max-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int,
                    help="every prompt exactly this many tokens (default: mixed lengths, 1 to 10 sentences)")
-    p.add_argument("--seconds", type=float, help="per phase (default 15; --quick 4)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup-s", type=float, default=5.0, help="per warm-up phase (idle, alone, loaded)")
+    p.add_argument("--seconds", type=float, help="per phase (default 15; --quick 2)")
+    p.add_argument("--repeats", type=int, help="repetitions (default 5; --quick 2)")
+    p.add_argument("--warmup-s", type=float, help="per warm-up phase (idle, alone, loaded; default 5, --quick 1)")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--engine", action="store_true",
                    help="in-process engine instead of Ray Serve over HTTP: the engine's share of the loaded TTFT")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the replica (MLX's CUDA backend)")
     p.add_argument("--json", help="write results as JSON here")
-    p.add_argument("--quick", action="store_true", help="tiny model, short phases")
+    p.add_argument("--quick", action="store_true", help="tiny model, short phases, 2 repetitions: a smoke run")
     p.add_argument("--no-openblas", action="store_true")
     a = p.parse_args(argv)
     a.preset = "tiny" if a.quick else "bench"
     a.batch_clients = a.batch_clients or a.slots + max(1, a.slots // 4)
-    a.seconds = a.seconds or (4.0 if a.quick else 15.0)
+    a.seconds = a.seconds or (2.0 if a.quick else 15.0)
+    a.repeats = a.repeats or (2 if a.quick else 5)
+    a.warmup_s = a.warmup_s if a.warmup_s is not None else (1.0 if a.quick else 5.0)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
     return a
 

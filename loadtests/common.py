@@ -6,6 +6,7 @@ BLAS, because ``LD_PRELOAD`` is only read when a process starts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -137,6 +138,108 @@ def make_prompts(n: int, start: int = 0, numbered: bool = True) -> list[str]:
     return out
 
 
+class FreshPrompts:
+    """Prompts no earlier phase had, drawn one at a time (a phase's request count can depend on time).
+
+    ``phase()`` opens a new range of ``make_prompts`` indexes, starting on a multiple of the cycle of
+    prompt lengths, so every phase gets the same mix of lengths in the same order; ``take()`` draws
+    the next prompt of the open range; ``used()`` is the range drawn so far, for the JSON record.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = self.next = start
+        self._cache: dict[int, str] = {}
+
+    def phase(self) -> int:
+        cycle = len(_PROMPT_SPANS)
+        self.start = self.next = -(-self.next // cycle) * cycle
+        return self.start
+
+    def take(self) -> str:
+        i, self.next = self.next, self.next + 1
+        if i not in self._cache:
+            self._cache = dict(zip(range(i, i + 64), make_prompts(64, i)))  # one corpus read per 64
+        return self._cache[i]
+
+    def used(self) -> list[int]:
+        return [self.start, self.next]
+
+
+# -- phases ----------------------------------------------------------------------------------------
+def on_gpu() -> bool:
+    """Whether MLX computes on a GPU (Metal or CUDA): phases there must last ``--min-phase-s``."""
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return mx.default_device().type == mx.gpu or bool(cuda is not None and cuda.is_available())
+
+
+GPU_MIN_PHASE_S = 20.0  # issue #16: a phase on a GPU lasts at least this long (one on the CPU: 3 requests per client)
+
+
+def default_min_phase_s(quick: bool) -> float:
+    """``--min-phase-s`` when not given: 20 s on a GPU, none on the CPU (and in a --quick smoke run)."""
+    return 0.0 if quick or not on_gpu() else GPU_MIN_PHASE_S
+
+
+class PhaseBudget:
+    """When a closed-loop client of a phase sends its next request.
+
+    It does while it has sent fewer than ``per_client`` requests or the phase is younger than
+    ``min_s``; never once the phase is ``3 * min_s`` old, whatever happens (a stalled path cannot
+    hold the run). With ``min_s`` 0 only the count applies.
+    """
+
+    def __init__(self, per_client: int, min_s: float = 0.0) -> None:
+        self.per_client = per_client
+        self.min_s = min_s
+        self.t0 = time.perf_counter()
+
+    def more(self, sent: int) -> bool:
+        age = time.perf_counter() - self.t0
+        if self.min_s > 0 and age >= 3 * self.min_s:
+            return False
+        return sent < self.per_client or age < self.min_s
+
+    def describe(self) -> str:
+        if self.min_s <= 0:
+            return f"each client sends {self.per_client} requests"
+        return (f"each client sends until it has sent {self.per_client} requests and the phase is {self.min_s:g} s "
+                f"old, never past {3 * self.min_s:g} s")
+
+
+async def stagger(k: int, step_ms: float) -> None:
+    """Client ``k`` of a phase starts ``k * step_ms`` after the first: a burst of simultaneous connects
+    would overflow a small listen backlog (``mlx_lm.server``'s is 5) and count as failures."""
+    if k and step_ms > 0:
+        await asyncio.sleep(k * step_ms / 1000)
+
+
+CONNECT_RETRIES = 4
+
+
+async def send_streaming(client: Any, url: str, body: dict[str, Any], retries: int = CONNECT_RETRIES,
+                         backoff_s: float = 0.05) -> tuple[Any, int]:
+    """POST ``body`` and return (the streaming response, connect retries it took).
+
+    A refused or timed-out connect (``httpx.ConnectError`` / ``ConnectTimeout``: no byte of the request
+    was sent) is retried after ``backoff_s``, doubling, up to ``retries`` times: a full listen backlog is
+    not the server failing a request. Anything after the connect is the caller's to judge. The caller
+    closes the response (``await response.aclose()``).
+    """
+    import httpx
+
+    attempt = 0
+    while True:
+        try:
+            return await client.send(client.build_request("POST", url, json=body), stream=True), attempt
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if attempt >= retries:
+                raise
+            await asyncio.sleep(backoff_s * 2 ** attempt)
+            attempt += 1
+
+
 # -- statistics and output -------------------------------------------------------------------------
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in 0..100); None for no values."""
@@ -158,10 +261,10 @@ def spread(values: Sequence[float | None]) -> dict[str, Any]:
             "max": max(xs, default=None), "n": len(xs), "values": list(values)}
 
 
-def print_spread(summary: dict[str, dict[str, Any]]) -> str:
-    """The table of ratios over repetitions (``spread`` values)."""
+def print_spread(summary: dict[str, dict[str, Any]], digits: int = 1) -> str:
+    """The table of ratios over repetitions (``spread`` values), ``digits`` after the point."""
     return print_table(["ratio", "median", "min", "max", "repetitions"],
-                       [(k, v["median"], v["min"], v["max"], v["n"]) for k, v in summary.items()])
+                       [(k, *(fmt(v[x], digits) for x in ("median", "min", "max")), v["n"]) for k, v in summary.items()])
 
 
 def stop_local_serve() -> None:
