@@ -37,7 +37,8 @@ class EngineConfig(BaseModel):
     speculative_share: float = Field(
         0.25, gt=0.0, lt=1.0,
         description="Most of the GPU thread's time the speculative lane takes while batched requests decode: "
-                    "bounds what speculative requests cost the batch (0.25: it keeps at least three quarters of its speed).")
+                    "bounds the thread time speculative requests take from the batch. It does not bound their GPU cost: on an "
+                    "H200 the batch kept 0.60 of its throughput at 0.25 (docs/benchmarks.md).")
     prepare_workers: int = Field(
         4, ge=1, le=64, description="Threads that prepare requests (tokenize, chat template, images, grammar "
                                     "compile) off the event loop.")
