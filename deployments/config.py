@@ -74,6 +74,8 @@ class ShardConfig(BaseModel):
         default_factory=dict, description="jaccl: host -> {other host: the RDMA device that links them}, every pair.")
     step_timeout_s: float = Field(
         120.0, gt=0, description="Longest a step or a message between the ranks may take; then the replica is rebuilt.")
+    load_timeout_s: float = Field(
+        1800.0, gt=0, description="Longest loading the shards may take, once every host has the model on disk.")
 
     @field_validator("hosts")
     @classmethod

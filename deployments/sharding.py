@@ -145,7 +145,8 @@ class ShardRanks:
             if r.host != shard.hosts[r.rank]:
                 raise RuntimeError(f"rank {r.rank} runs on host {r.host!r}, not {shard.hosts[r.rank]!r}: check the host labels")
         addresses = [r.address for r in self.ranks]
-        common: dict[str, Any] = {"mode": shard.mode, "size": len(shard.hosts), "step_timeout_s": shard.step_timeout_s}
+        common: dict[str, Any] = {"mode": shard.mode, "size": len(shard.hosts), "step_timeout_s": shard.step_timeout_s,
+                                  "load_timeout_s": shard.load_timeout_s}
         if _backend(shard) == "jaccl":
             common.update(backend="jaccl", coordinator=addresses[0], rdma_devices=[
                 [None if a == b else shard.rdma_devices[a][b] for b in shard.hosts] for a in shard.hosts])

@@ -53,6 +53,9 @@ class ShardSpec(BaseModel):
     coordinator: str | None = Field(None, description="jaccl: rank 0's 'ip:port'.")
     step_timeout_s: float = Field(
         120.0, gt=0, description="Longest a collective (a step, a message, setting up the group) may take.")
+    load_timeout_s: float = Field(
+        1800.0, gt=0, description="Longest loading the shards may take (the ranks meet at its end, so the fastest "
+                                  "waits for the slowest disk).")
     keepalive_s: float = Field(1.0, gt=0, description="How often an idle rank 0 tells the others it is alive.")
 
     @model_validator(mode="after")
@@ -129,9 +132,9 @@ class Watchdog:
         self._thread.start()
 
     @contextmanager
-    def armed(self, what: str) -> Iterator[None]:
+    def armed(self, what: str, timeout_s: float | None = None) -> Iterator[None]:
         with self._lock:
-            self._armed = (what, time.monotonic() + self.timeout_s)
+            self._armed = (what, time.monotonic() + (timeout_s or self.timeout_s))
         try:
             yield
         finally:
@@ -152,5 +155,5 @@ class Watchdog:
                     self._fired = True
             if expired:
                 assert armed is not None
-                log.error("sharded model: %s took longer than %.0fs; the group is lost", armed[0], self.timeout_s)
+                log.error("sharded model: %s took too long; the group is lost", armed[0])
                 self._on_expire(armed[0])

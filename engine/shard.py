@@ -101,9 +101,9 @@ class ShardedBatch(TextBatch):
 
 
 @contextmanager
-def _collective(watchdog: Watchdog, what: str) -> Iterator[None]:
+def _collective(watchdog: Watchdog, what: str, timeout_s: float | None = None) -> Iterator[None]:
     """Watchdog armed around a collective; a failure inside it means the group is lost."""
-    with watchdog.armed(what):
+    with watchdog.armed(what, timeout_s):
         try:
             yield
         except ShardLost:
@@ -130,7 +130,7 @@ def load_sharded(source: str, spec: ShardSpec, watchdog: Watchdog) -> tuple[Any,
     with _collective(watchdog, f"joining the group as rank {spec.rank} of {spec.size}"):
         group = init_group(spec)
     try:
-        with _collective(watchdog, "loading the shard"):
+        with _collective(watchdog, "loading the shard", spec.load_timeout_s):
             model, tokenizer, config = sharded_load(
                 source, pipeline_group=group if spec.mode == "pipeline" else None,
                 tensor_group=group if spec.mode == "tensor" else None, return_config=True)
