@@ -77,6 +77,8 @@ class ModelReplica:
             fetched = self.ranks.prepare()
         self.engine = Engine(engine_config, observer=self.observer)
         self.observer.attach(self.engine)
+        if self.ranks is not None:
+            self.engine.set_shard_bell(self.ranks.wake)
         t0 = time.monotonic()
         source = self.config.model_source()
         progress = LoadReporter(str(source))

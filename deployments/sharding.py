@@ -80,6 +80,7 @@ class RankActor:
 
         events.setup("replica")
         self.model, self.rank = model, rank
+        self._bell = threading.Event()  # rank 0 rings it to bring this rank back from idle (engine.shard)
 
     def address(self, ip: str | None) -> RankInfo:
         """Where this rank runs, with ``ip:port`` for the ring (``ip`` when the config names one, else
@@ -101,11 +102,18 @@ class RankActor:
         parsed = ShardSpec.model_validate(spec)
         watchdog = Watchdog(parsed.step_timeout_s, self._expired)
         try:
-            follow(local_dir, parsed, watchdog)
+            follow(local_dir, parsed, watchdog, wait_bell=self._wait_bell)
         except ShardLost as e:
             log.error("model %s, rank %d: %s; this rank exits", self.model, self.rank, e)
             os._exit(1)
         return "stopped"
+
+    def wake(self) -> None:
+        self._bell.set()
+
+    def _wait_bell(self) -> None:
+        self._bell.wait()
+        self._bell.clear()
 
     def _expired(self, what: str) -> None:
         log.error("model %s, rank %d: %s timed out; this rank exits", self.model, self.rank, what)
@@ -181,6 +189,12 @@ class ShardRanks:
             on_lost(f"rank {i + 1} on host {host} ended ({why})")
 
         threading.Thread(target=wait, name="mlx-shard-ranks", daemon=True).start()
+
+    def wake(self) -> None:
+        """Rank 0's bell: the idle followers go back to waiting in the ring (fire and forget: rank 0's
+        next message waits for them there)."""
+        for a in self.actors:
+            a.wake.remote()
 
     def stopping(self) -> None:
         """The model is being unloaded: followers ending now is expected."""

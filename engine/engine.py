@@ -67,6 +67,11 @@ class Engine:
         take itself out of service at once instead of at its next health check."""
         self._scheduler.on_death(listener)
 
+    def set_shard_bell(self, ring: Callable[[], None]) -> None:
+        """Before loading a sharded model: how to wake its other ranks once they idle outside MLX's
+        ring (engine.shard); a replica rings its rank actors."""
+        self._scheduler.shard_bell = ring
+
     def crash_gpu_thread(self) -> None:
         """Fault drills only: kill the GPU thread the way an MLX abort would, between two steps."""
         self._scheduler.post("crash")

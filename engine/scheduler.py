@@ -142,6 +142,7 @@ class GpuScheduler:
         self._by_request: dict[str, Sequence] = {}
         self._death_listeners: list[Callable[[BaseException], None]] = []
         self._dying = threading.Lock()
+        self.shard_bell: Callable[[], None] | None = None  # wakes a sharded model's idle ranks (engine.shard)
         self.observer = observer or EngineObserver()
         self.memory = MemoryBudget(config.memory_limit_bytes)
         self._thread = threading.Thread(target=self._run, name="mlx-gpu-scheduler", daemon=True)
@@ -789,7 +790,7 @@ class GpuScheduler:
             if any(x.sharded for x in self.models.values()):
                 raise ModelLoadError(f"model {name!r}: this engine already serves its one sharded model")
             watchdog = Watchdog(shard.step_timeout_s, self._shard_expired)
-            m = load_rank0(name, source, shard, watchdog, self._batch_kwargs())
+            m = load_rank0(name, source, shard, watchdog, self._batch_kwargs(), wake=self.shard_bell)
         elif detect_kind(source) == "vision":
             m = load_vision_model(name, source, self._batch_kwargs(), adapter)
             if self.config.warmup:

@@ -12,6 +12,12 @@ Only rank 0 samples. After each step its next tokens reach the others through on
 (``distributed.share_tokens``), so the followers need no samplers, logits processors or grammars,
 and nothing about a request but its prompt tokens and token budget.
 
+An idle group costs nothing: MLX's ring polls while a rank waits in a collective (a core each), so
+after ``IDLE_AFTER_S`` without a step rank 0 sends "idle" and the others stop waiting in MLX. They wait
+on a bell instead, which the owner of the group provides (a replica: a Ray call to each rank actor),
+and rank 0 rings it before its next message. Without a bell, rank 0 sends a keepalive every
+``keepalive_s`` and the others keep waiting in the ring.
+
 What a sharded model leaves out, because it would run a forward pass outside the batch: the solo lane,
 the interactive first token alone, the prefix cache, a shared prefill for ``n`` choices (each choice
 prefills its own prompt), prompt logprobs (refused with a 400), draft models, adapters and vision.
@@ -22,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -36,6 +42,9 @@ from .sampling import LogitsProcessor, Sampler
 
 log = logging.getLogger("mlx_serving.engine")
 
+IDLE_AFTER_S = 2.0  # rank 0 without a step this long lets the other ranks leave the ring (with a bell)
+Bell = Callable[[], None]  # rank 0: wake the other ranks; the others: wait until woken
+
 
 class ShardedBatch(TextBatch):
     """Rank 0's batch: a ``TextBatch`` whose changes and steps are replayed by the other ranks."""
@@ -43,12 +52,13 @@ class ShardedBatch(TextBatch):
     takes_caches = False
 
     def __init__(self, model: Any, eos_ids: Sequence[int], *, group: Any, spec: ShardSpec, watchdog: Watchdog,
-                 **batch_kwargs: Any) -> None:
+                 wake: Bell | None = None, **batch_kwargs: Any) -> None:
         super().__init__(model, eos_ids, **batch_kwargs)
-        self._group, self._spec, self._watchdog = group, spec, watchdog
+        self._group, self._spec, self._watchdog, self._wake = group, spec, watchdog, wake
         self._ops: list[list[Any]] = [["batch", sorted(eos_ids), batch_kwargs]]
-        self._sent = time.monotonic()
+        self._sent = self._stepped = time.monotonic()
         self._closed = False
+        self._idle = False  # the other ranks wait on the bell, not in the ring
 
     def insert(self, prompt: list[int], max_tokens: int, sampler: Sampler | None,
                processors: list[LogitsProcessor], cache: list[Any] | None = None,
@@ -72,12 +82,22 @@ class ShardedBatch(TextBatch):
             self._flush()
             results = super().step()
             _share_next_tokens(self._gen, self._group, self.stream, source=True)
+        self._stepped = time.monotonic()
         return results
 
     def keepalive(self) -> None:
-        """Between steps (the GPU thread's idle turns): an empty message now and then, so the other
-        ranks can tell an idle rank 0 from a lost one."""
-        if not self._closed and time.monotonic() - self._sent >= self._spec.keepalive_s:
+        """Between steps (the GPU thread's idle turns). With a bell: after ``IDLE_AFTER_S`` the other
+        ranks are sent to wait on it. Without: an empty message every ``keepalive_s``, so they can tell
+        an idle rank 0 from a lost one."""
+        if self._closed or self._idle:
+            return
+        now = time.monotonic()
+        if self._wake is not None and now - self._stepped >= IDLE_AFTER_S:
+            self._ops.append(["idle"])
+            with self._collective("sending the other ranks idle"):
+                self._flush()
+            self._idle = True
+        elif now - self._sent >= self._spec.keepalive_s:
             with self._collective("a keepalive"):
                 self._flush()
 
@@ -92,6 +112,10 @@ class ShardedBatch(TextBatch):
         super().close()
 
     def _flush(self) -> None:
+        if self._idle:  # the other ranks are back in the ring once they hear the bell
+            assert self._wake is not None
+            self._wake()
+            self._idle = False
         ops, self._ops = self._ops, []
         send(self._group, ops, self.stream)
         self._sent = time.monotonic()
@@ -146,12 +170,14 @@ def shard_nbytes(model: Any) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def load_rank0(name: str, source: str, spec: ShardSpec, watchdog: Watchdog, batch_kwargs: dict[str, Any]) -> LoadedModel:
+def load_rank0(name: str, source: str, spec: ShardSpec, watchdog: Watchdog, batch_kwargs: dict[str, Any],
+               wake: Bell | None = None) -> LoadedModel:
     """Rank 0's side of ``load_sharded``: the model the scheduler serves, with a ``ShardedBatch``."""
     model, tokenizer, config, group, kv = load_sharded(source, spec, watchdog)
     text_cfg = config.get("text_config", config)
     eos_ids = set(tokenizer.eos_token_ids)
-    batch = ShardedBatch(model, sorted(eos_ids), group=group, spec=spec, watchdog=watchdog, **batch_kwargs)
+    batch = ShardedBatch(model, sorted(eos_ids), group=group, spec=spec, watchdog=watchdog, wake=wake,
+                         **batch_kwargs)
     log.info("rank 0 of %d holds its %s shard of %s", spec.size, spec.mode, name)
     return LoadedModel(
         name=name, source=source, model=model, tokenizer=tokenizer, config=config, nbytes=shard_nbytes(model),
@@ -160,9 +186,10 @@ def load_rank0(name: str, source: str, spec: ShardSpec, watchdog: Watchdog, batc
         eos_ids=eos_ids, batch=batch, kv_per_token=kv, shard=spec)
 
 
-def follow(source: str, spec: ShardSpec, watchdog: Watchdog) -> None:
+def follow(source: str, spec: ShardSpec, watchdog: Watchdog, wait_bell: Bell | None = None) -> None:
     """A rank other than 0: load the shard, then replay rank 0's batch until it says stop.
-    Returns when rank 0 stops the model; raises ``ShardLost`` when the group breaks."""
+    Returns when rank 0 stops the model; raises ``ShardLost`` when the group breaks. ``wait_bell``
+    returns when rank 0 rings (needed only if rank 0 has a bell: it then sends "idle")."""
     if spec.rank == 0:
         raise ValueError("rank 0 runs the engine, not a follower")
     model, _tokenizer, _config, group, _kv = load_sharded(source, spec, watchdog)
@@ -192,6 +219,9 @@ def follow(source: str, spec: ShardSpec, watchdog: Watchdog) -> None:
                         if r.finish_reason is not None:
                             uids = {k: v for k, v in uids.items() if v != r.uid}
                     _share_next_tokens(batch._gen, group, batch.stream, source=False)
+            elif kind == "idle":
+                assert wait_bell is not None, "rank 0 went idle with a bell this rank does not have"
+                wait_bell()  # outside MLX: no core spent polling the ring
             elif kind == "stop":
                 if batch is not None:
                     batch.close()

@@ -109,6 +109,25 @@ def test_sharded_replica_serves_what_the_whole_model_serves(sharded: dict[str, A
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
 
 
+def test_an_idle_sharded_replica_leaves_the_ring_and_wakes_for_the_next_request(sharded: dict[str, Any]) -> None:
+    """MLX's ring polls while a rank waits in it (a core each): idle, the followers wait on a bell
+    outside MLX instead, and rank 0 rings it before its next step."""
+    import psutil
+
+    from engine.shard import IDLE_AFTER_S
+
+    base = sharded["base"]
+    follower = psutil.Process(ranks()[1].pid)
+    time.sleep(IDLE_AFTER_S + 1.0)  # rank 0 has sent "idle" by now
+    before = follower.cpu_times()
+    time.sleep(4.0)
+    after = follower.cpu_times()
+    busy = (after.user - before.user) + (after.system - before.system)
+    assert busy < 1.0, busy  # waiting in the ring would have burnt about 4 s of CPU here
+    body = {"prompt": "after a rest", "max_tokens": 12, "temperature": 0}
+    assert text_of(sse(base, {"model": "demo-sharded", **body})) == text_of(sse(base, {"model": "demo", **body}))
+
+
 def test_a_rank_killed_mid_stream_ends_the_stream_with_an_error_then_the_replica_recovers(sharded: dict[str, Any]) -> None:
     base = sharded["base"]
     rank = ranks()[1]
