@@ -121,3 +121,44 @@ def test_lost_rank_ends_the_stream_and_the_engine(qwen2_dir: str, tmp_path: Path
     assert got["events"][:3] == ["token"] * 3 and got["events"][-1] == "engine_dead", got
     assert got["died"] == ["ShardLost"] and got["alive"] is False
     assert followers[0][0] == -9  # SIGKILLed
+
+
+def test_jaccl_group_is_set_up_as_mlx_launch_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Mac with Thunderbolt 5 here: MLX's JACCL backend is stood in for, and what a rank hands it
+    is checked against mlx.launch's own setup (MLX_IBV_DEVICES, MLX_JACCL_COORDINATOR, MLX_RANK)."""
+    from engine import distributed
+    from deployments.config import ShardConfig
+    from deployments.sharding import _backend
+
+    devices = [[None, "rdma_en3"], ["rdma_en3", None]]
+    spec = ShardSpec(mode="tensor", rank=1, size=2, backend="jaccl", rdma_devices=devices, coordinator="10.0.0.1:5000")
+    seen: dict[str, Any] = {}
+
+    class Group:
+        def rank(self) -> int:
+            return 1
+
+        def size(self) -> int:
+            return 2
+
+    def init(strict: bool, backend: str) -> Group:
+        seen.update(backend=backend, strict=strict, rank=os.environ["MLX_RANK"],
+                    coordinator=os.environ["MLX_JACCL_COORDINATOR"],
+                    devices=json.loads(Path(os.environ["MLX_IBV_DEVICES"]).read_text()))
+        return Group()
+
+    for var in ("MLX_RANK", "MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(distributed.mx.distributed, "is_available", lambda b: b == "jaccl")
+    monkeypatch.setattr(distributed.mx.distributed, "init", init)
+    distributed.init_group(spec)
+    assert seen == {"backend": "jaccl", "strict": True, "rank": "1", "coordinator": "10.0.0.1:5000", "devices": devices}
+
+    with pytest.raises(ValueError, match="RDMA device matrix"):
+        ShardSpec(mode="tensor", rank=0, size=2, backend="jaccl", coordinator="10.0.0.1:5000")
+    with pytest.raises(ValueError, match="every pair"):
+        ShardConfig(hosts=["a", "b"], backend="jaccl", rdma_devices={"a": {"b": "rdma_en3"}})
+    wired = ShardConfig(hosts=["a", "b"], rdma_devices={"a": {"b": "rdma_en3"}, "b": {"a": "rdma_en3"}})
+    assert _backend(wired) == "jaccl"  # auto: the devices are given and MLX offers JACCL
+    monkeypatch.setattr(distributed.mx.distributed, "is_available", lambda b: b == "ring")
+    assert _backend(wired) == "ring" and _backend(ShardConfig(hosts=["a", "b"])) == "ring"
