@@ -331,6 +331,36 @@ def median_runs(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def report(phases: list[dict[str, Any]], per_rep: list[dict[str, float | None]]
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Print the median phase per path and level, the void phases and the ratios' spread; return
+    (median rows, void phases, spread per ratio)."""
+    results = median_runs(phases)
+    print_table(["path", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "requests", "void runs"],
+                [(r["path"], r["concurrency"], r["tokens_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["requests"],
+                  r["void_runs"]) for r in results])
+    void = [p for p in phases if p["void"]]
+    for p in void:
+        print(f"VOID rep {p['repetition']} {p['path']} c={p['concurrency']}: {'; '.join(p['error_list'])}")
+    summary = {k: spread([r[k] for r in per_rep]) for k in (per_rep[0] if per_rep else {})}
+    print_spread(summary, digits=3)
+    return results, void, summary
+
+
+def phase_settings(args: argparse.Namespace, min_s: float) -> dict[str, Any]:
+    """How the phases ran, for the JSON (shared with bench_sharded.py)."""
+    return {"levels": args.levels, "max_tokens": args.max_tokens, "paths": args.paths,
+            "repeats": args.repeats, "requests_per_client": args.requests_per_client,
+            "min_phase_s": min_s, "phase": PhaseBudget(args.requests_per_client, min_s).describe(),
+            "warmup_requests_per_client": args.warmup_requests, "stagger_ms": args.stagger_ms,
+            "connect_retries": CONNECT_RETRIES,
+            "order": "warm-up of every path at every level; then per repetition, per level, every path "
+                     "once (their order rotating between repetitions)",
+            "prompts": "numbered corpus prompts, a new range for every phase (warm-up included)",
+            "sampling": "greedy, EOS biased by -100: every request generates exactly max_tokens",
+            "quick": args.quick}
+
+
 def judge(summary: dict[str, dict[str, Any]], levels: list[int]) -> dict[str, dict[str, Any]]:
     """Targets on the median, each at the level it is set for (a run without that level judges nothing)."""
     out = {}
@@ -423,34 +453,16 @@ def main(argv: list[str] | None = None) -> int:
             stop_local_serve()
 
     phases = out["phases"]
-    results = median_runs(phases)
-    print_table(["path", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "requests", "void runs"],
-                [(r["path"], r["concurrency"], r["tokens_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["requests"],
-                  r["void_runs"]) for r in results])
-    void = [p for p in phases if p["void"]]
-    for p in void:
-        print(f"VOID rep {p['repetition']} {p['path']} c={p['concurrency']}: {'; '.join(p['error_list'])}")
     per_rep = ratios_per_repetition(phases, args)
-    summary = {k: spread([r[k] for r in per_rep]) for k in (per_rep[0] if per_rep else {})}
-    print_spread(summary, digits=3)
+    results, void, summary = report(phases, per_rep)
     targets = judge(summary, args.levels)
     for k, t in targets.items():
         state = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
         print(f"{k}: median {t['value'] if t['value'] is None else round(t['value'], 3)} (target >= {t['target']}: {state})")
     if args.json:
-        budget = PhaseBudget(args.requests_per_client, min_s)
         write_json(args.json, {
             "benchmark": "bench_http", "machine": machine_info(), "model": str(model_dir),
-            "settings": {"levels": args.levels, "max_tokens": args.max_tokens, "paths": args.paths,
-                         "repeats": args.repeats, "requests_per_client": args.requests_per_client,
-                         "min_phase_s": min_s, "phase": budget.describe(),
-                         "warmup_requests_per_client": args.warmup_requests, "stagger_ms": args.stagger_ms,
-                         "connect_retries": CONNECT_RETRIES,
-                         "order": "warm-up of every path at every level; then per repetition, per level, every path "
-                                  "once (their order rotating between repetitions)",
-                         "prompts": "numbered corpus prompts, a new range for every phase (warm-up included)",
-                         "sampling": "greedy, EOS biased by -100: every request generates exactly max_tokens",
-                         "quick": args.quick},
+            "settings": phase_settings(args, min_s),
             "results": results, "ratios": {k: v["median"] for k, v in summary.items()}, "spread": summary,
             "ratios_per_repetition": per_rep, "targets": targets, "void_phases": len(void),
             "phases": phases, "warmup": out["warmup"]})

@@ -55,8 +55,8 @@ if __package__ in (None, ""):  # run as a script: make ``loadtests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests.common import (  # noqa: E402
-    CONNECT_RETRIES, FreshPrompts, PhaseBudget, default_min_phase_s, ensure_model, machine_info, print_spread,
-    print_table, reexec_with_openblas, spread, write_json,
+    FreshPrompts, default_min_phase_s, ensure_model, machine_info,
+    reexec_with_openblas, write_json,
 )
 
 PATHS = ("single", "sharded", "mlx_lm_launch")
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated run still takes its servers down
     model_dir = ensure_model(args.model, args.model_dir, args.preset)
     from engine.shard import supported_modes
-    from loadtests.bench_http import eos_bias, median_runs
+    from loadtests.bench_http import eos_bias, phase_settings, report
 
     modes = supported_modes(str(model_dir))
     if args.mode not in modes:
@@ -563,16 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             hosts.stop()
 
     phases = out["phases"]
-    results = median_runs(phases)
-    print_table(["path", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "requests", "void runs"],
-                [(r["path"], r["concurrency"], r["tokens_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["requests"],
-                  r["void_runs"]) for r in results])
-    void = [p for p in phases if p["void"]]
-    for p in void:
-        print(f"VOID rep {p['repetition']} {p['path']} c={p['concurrency']}: {'; '.join(p['error_list'])}")
     per_rep = per_repetition(phases, args)
-    summary = {k: spread([r[k] for r in per_rep]) for k in (per_rep[0] if per_rep else {})}
-    print_spread(summary, digits=3)
+    results, void, summary = report(phases, per_rep)
     cost = summary.get("per_token_cost_ms_c1", {}).get("median")
     print(f"per_token_cost_ms_c1: {cost if cost is None else round(cost, 2)} ms per token "
           f"({args.mode}, {args.ranks} ranks; median over repetitions)")
@@ -582,16 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "bench_sharded", "machine": info, "model": str(model_dir),
             "settings": {"mode": args.mode, "ranks": args.ranks, "hosts": host_names(args.ranks),
                          "host_cpus": dict(zip(host_names(args.ranks), cpus)) if cpus else None,
-                         "levels": args.levels, "max_tokens": args.max_tokens, "paths": args.paths,
-                         "repeats": args.repeats, "requests_per_client": args.requests_per_client,
-                         "min_phase_s": min_s, "phase": PhaseBudget(args.requests_per_client, min_s).describe(),
-                         "warmup_requests_per_client": args.warmup_requests, "stagger_ms": args.stagger_ms,
-                         "connect_retries": CONNECT_RETRIES,
-                         "order": "warm-up of every path at every level; then per repetition, per level, every path "
-                                  "once (their order rotating between repetitions)",
-                         "prompts": "numbered corpus prompts, a new range for every phase (warm-up included)",
-                         "sampling": "greedy, EOS biased by -100: every request generates exactly max_tokens",
-                         "quick": args.quick},
+                         **phase_settings(args, min_s)},
             "notes": notes(args, info, cpus), "replicas": replicas, "mlx_lm_launch": launch_record,
             "results": results, "ratios": {k: v["median"] for k, v in summary.items() if not k.startswith("per_token")},
             "per_token_cost_ms_c1": cost, "spread": summary, "ratios_per_repetition": per_rep,
