@@ -5,6 +5,9 @@ does the work. Errors travel as ``ReplicaError`` items so the ingress can answer
 status before it starts a response. The event loop only relays: request preparation runs on the
 engine's bounded preparation threads, GPU work on its GPU thread.
 
+A replica with ``shard:`` is rank 0 of a model across hosts (deployments/sharding.py): it starts the
+other ranks, and exits when one of them is lost, as when its own GPU thread dies.
+
 A replica whose GPU thread died takes itself out of service at once: its process exits, so every
 handle stops routing to it on the first ``ActorDiedError`` and Serve replaces it, with no wait for
 a health check. Its streams end with an error event; requests it had not started are retried on
@@ -224,7 +227,7 @@ class ModelReplica:
 
     async def __del__(self) -> None:
         if self.ranks is not None:
-            self.ranks.stopping()  # the followers end with the placement group Serve removes next
+            self.ranks.stopping()  # the engine's stop tells the followers to stop: their end is expected now
         await self.engine.shutdown(self.config.graceful_shutdown_timeout_s)
 
 

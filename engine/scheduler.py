@@ -33,6 +33,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from .batch import StepResult, first_logits, prefill
 from .chat import Channel
 from .config import EngineConfig
+from .distributed import ShardLost, Watchdog
 from .errors import (
     DeadlineExceededError, EngineError, EngineFailureError, ModelLoadError, ModelNotFoundError,
     OverCapacityError, RequestTooLargeError,
@@ -47,7 +48,6 @@ from .prompt_cache import PromptCache
 from .request import GenerationChunk, GenerationRequest, Usage
 from .sampling import LogitsProcessor, RowGuard, Sampler
 from .scoring import score_prompt
-from .distributed import ShardLost, Watchdog
 from .shard import load_rank0
 from .solo import SoloRun
 from .speculative import SpeculativeRun
@@ -194,7 +194,7 @@ class GpuScheduler:
                         self._admit(m)
                         self._step(m)
                     elif m.sharded:
-                        m.batch.keepalive()  # the other ranks tell an idle rank 0 from a lost one
+                        m.batch.keepalive()  # keepalives, or the other ranks sent to idle outside the ring
                 self.waker.flush()
                 self.heartbeat = time.monotonic()
         except _Stop:
