@@ -56,8 +56,6 @@ def first_logits(model: Any, tokens: list[int], cache: list[Any] | None, stream:
 class TextBatch:
     """Continuous batch for one text model. Must be created and used on the GPU thread."""
 
-    takes_caches = True  # whether ``insert`` may continue a KV cache built outside the batch
-
     def __init__(self, model: Any, eos_ids: Sequence[int], *, max_batch_size: int,
                  prefill_batch_size: int, prefill_step_size: int, sampler: Sampler | None = None) -> None:
         self._gen = BatchGenerator(

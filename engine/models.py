@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from .batch import TextBatch
 from .chat import ChatFormat, chat_format
+from .distributed import ShardSpec
 from .errors import ModelLoadError
 from .prompt_cache import PromptCache
 from .request import ModelInfo
@@ -49,7 +50,7 @@ class LoadedModel:
     lane_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # GPU time: [batch, speculative]
     kv_per_token: int | None = None  # KV cache bytes per token (engine.memory), for memory admission
     solo: dict[str, Any] = field(default_factory=dict)  # request id -> the sequence decoding alone (engine.solo)
-    shard: Any = None  # distributed.ShardSpec of this rank when the model is sharded across processes (engine.shard)
+    shard: ShardSpec | None = None  # this rank's part when the model is sharded across processes (engine.shard)
 
     @property
     def sharded(self) -> bool:

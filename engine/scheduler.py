@@ -565,7 +565,7 @@ class GpuScheduler:
                 member.prompt_lps = leader.prompt_lps
                 self._score_only(m, member, self._reused(leader, cached))
             return
-        shared = m.batch.takes_caches  # a sharded batch: each choice prefills its own prompt
+        shared = not m.sharded  # a sharded model: each choice prefills its own prompt
         if shared:
             cache = prefill(m.model, prompt[cached:-1], cache, m.batch.stream, self.config.prefill_step_size)
         for member in leader.members:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,6 +158,23 @@ def wait_app_ready(url: str, timeout_s: float = 120.0) -> None:
     while httpx.get(url + "/ready").status_code != 200:
         assert time.monotonic() < deadline, "app never became ready"
         time.sleep(0.5)
+
+
+def wait_for(condition: Any, timeout: float = 60.0, every: float = 0.2) -> Any:
+    """``condition()``'s first truthy value, polled until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def add_host(cluster: Any, name: str) -> Any:
+    """A Ray node of the session cluster on 127.0.0.1, labelled as host ``name`` (a simulated Mac)."""
+    return cluster.add_node(num_cpus=1, labels={"host": name}, resources={f"host:{name}": 1000},
+                            node_ip_address="127.0.0.1")
 
 
 def replica_info(app: str, deployment: str):

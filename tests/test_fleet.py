@@ -27,6 +27,7 @@ from cluster.inventory import load_fleet, parse_fleet
 from cluster.placement import plan
 from deployments.app import build_app
 from deployments.config import AppConfig, ModelDeploymentConfig
+from conftest import add_host
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "config" / "fleet.example.yaml"
@@ -313,11 +314,6 @@ def test_cluster_up_simulate_3_then_down_stops_exactly_those_nodes(ray_cluster: 
 # --- three simulated hosts in the session cluster -----------------------------------------------------
 
 APP = "fleet"
-
-
-def add_host(cluster: Any, name: str) -> Any:
-    return cluster.add_node(num_cpus=1, labels={"host": name}, resources={f"host:{name}": 1000},
-                            node_ip_address="127.0.0.1")
 
 
 def placements(app: str = APP) -> dict[str, list[tuple[str | None, str]]]:

@@ -21,7 +21,7 @@ import pytest
 import ray
 from ray import serve
 
-from conftest import MAX_BODY, no_eos, ray_log_lines
+from conftest import MAX_BODY, no_eos, ray_log_lines, wait_for
 from deployments.app import build_app
 from deployments.http.auth import hash_key
 
@@ -155,16 +155,6 @@ def test_every_error_is_an_openai_error_object(app_url: str) -> None:
 # -- clients that leave --------------------------------------------------------------------------------
 def single_info() -> Any:
     return serve.get_deployment_handle("model-h-single", app_name=APP).info.remote().result()
-
-
-def wait_for(condition: Any, timeout: float = 60.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 def test_leaving_during_a_whole_answer_cancels_its_gpu_work(base: str, app_url: str) -> None:

@@ -15,25 +15,10 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import no_eos, wait_app_ready
+from tests.conftest import add_host, no_eos, wait_app_ready, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 APP, PREFIX = "sharded", "/sharded"
-
-
-def wait_for(fn: Callable[[], Any], timeout: float = 120, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(every)
-
-
-def add_host(cluster: Any, name: str) -> Any:
-    return cluster.add_node(num_cpus=1, labels={"host": name}, resources={f"host:{name}": 1000},
-                            node_ip_address="127.0.0.1")
 
 
 @pytest.fixture(scope="module")
