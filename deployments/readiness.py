@@ -50,13 +50,14 @@ class Readiness:
         """A model is ready when a replica of it runs (on a thread: this blocks on the controller).
 
         Serve's full details, not ``serve.status()`` (which is made from them): they also hold the
-        autoscaler's current target per deployment."""
+        autoscaler's current target per deployment. They are read as the plain dict the controller
+        sends (the schema of Ray's REST API), not parsed into ``ServeInstanceDetails``: that parse
+        pickles each deployment's request router class again, and took a tenth of the ingress's
+        Python time on a GPU under load (QoS refreshes this every second)."""
         try:
             from ray.serve.context import _get_global_client
-            from ray.serve.schema import ServeInstanceDetails
 
-            details = ServeInstanceDetails(**_get_global_client().get_serve_details())
-            deployments = details.applications[self.app_name].deployments
+            deployments = _get_global_client().get_serve_details()["applications"][self.app_name]["deployments"]
         except Exception as e:  # noqa: BLE001 - the controller is briefly unreachable
             return [ModelStatus(name=m.name, ready=False, detail=f"status unavailable: {type(e).__name__}")
                     for m in config.models]
@@ -67,17 +68,18 @@ class Readiness:
             if d is None:
                 out.append(ModelStatus(name=m.name, ready=False, detail="deployment not found", replicas_target=target))
                 continue
+            replicas = d.get("replicas") or []
             # A model stays ready while one replica runs; fewer than configured (a host is down, its
             # replicas wait for it or for room elsewhere) is reported as degraded, not as down.
-            running = sum(_status_name(r.state) == "RUNNING" for r in d.replicas)
+            running = sum(_status_name(r.get("state")) == "RUNNING" for r in replicas)
             # Serve's message may hold a whole traceback: its first line says enough.
-            message = (d.message or "").strip().splitlines()[0][:200] if (d.message or "").strip() else ""
-            message = message.removesuffix("Error:").strip()
-            detail = f"{_status_name(d.status)} {message}".strip()
+            text = (d.get("message") or "").strip()
+            message = text.splitlines()[0][:200].removesuffix("Error:").strip() if text else ""
+            detail = f"{_status_name(d.get('status'))} {message}".strip()
             loading = []
             if running < target:
                 detail += f" ({running} of {target} replicas running)"
-                starting = {r.replica_id for r in d.replicas if _status_name(r.state) != "RUNNING"}
+                starting = {r.get("replica_id") for r in replicas if _status_name(r.get("state")) != "RUNNING"}
                 loading = load_progress.read(self.app_name, m.deployment_name, starting) if starting else []
                 detail += "".join(f"; {r.describe()}" for r in loading)
             lost = self._lost_hosts(m.shard.hosts) if m.shard is not None and running < target else []
@@ -86,7 +88,7 @@ class Readiness:
                            "the replica is rebuilt when they are back")
             out.append(ModelStatus(name=m.name, ready=running > 0, replicas_healthy=running, detail=detail,
                                    replicas_target=target, degraded=0 < running < target or bool(lost),
-                                   autoscaling_target=d.target_num_replicas if m.autoscaling_config else None,
+                                   autoscaling_target=d.get("target_num_replicas") if m.autoscaling_config else None,
                                    loading=loading, lost_hosts=lost))
         return out
 
