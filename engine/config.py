@@ -46,6 +46,11 @@ class EngineConfig(BaseModel):
     stream_buffer_items: int = Field(8, ge=1, description="Chunks buffered per stream before coalescing.")
     stall_timeout_s: float = Field(120.0, gt=0, description="A consumer that reads nothing this long is cut off.")
     stuck_after_s: float = Field(120.0, gt=0, description="Health fails when work waits and the GPU thread has not ticked this long.")
+    switch_interval_ms: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="Python's thread switch interval for this process, set when the GPU thread starts (None: "
+                    "leave it; Python's default is 5 ms). A thread coming back from MLX waits up to this long "
+                    "for the GIL while an event loop relays chunks.")
     warmup: bool = True
     images: ImagePolicy = Field(default_factory=ImagePolicy, description="Limits and sources for image inputs.")
     shard: ShardSpec | None = Field(

@@ -21,6 +21,7 @@ import heapq
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -185,6 +186,8 @@ class GpuScheduler:
         limits: dict[str, tuple[int, int]] = {}
         try:
             limits = apply_limits(self.memory.limit)
+            if self.config.switch_interval_ms is not None:
+                sys.setswitchinterval(self.config.switch_interval_ms / 1000)
             while True:
                 self._take_commands(block=not any(m.busy for m in self.models.values()))
                 now = time.monotonic()

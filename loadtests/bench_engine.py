@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import sys
 import time
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the engine's prompt (prefix) cache size; 0 turns it off (default: EngineConfig's)")
     p.add_argument("--admission-window-ms", type=float,
                    help="the engine's admission_window_ms; 0 admits new prompts at once (default: EngineConfig's)")
+    p.add_argument("--engine-config", type=json.loads, default={},
+                   help="JSON merged into the engine's config, e.g. '{\"switch_interval_ms\": 1}'")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, concurrency 1,4, 16 tokens")
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg_kwargs["max_batch_size"] = args.max_batch_size
     elif EngineConfig().max_batch_size < max(args.levels):
         cfg_kwargs["max_batch_size"] = max(args.levels)
-    cfg = EngineConfig(**cfg_kwargs)
+    cfg = EngineConfig(**{**cfg_kwargs, **args.engine_config})
 
     model, tokenizer = mlx_lm.load(str(path))
     model_info = model_description(model, path)
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_prompts": len(set(map(tuple, prompts))),
         "prompts": "corpus sentences (1-10 per prompt), each opened by its own number; a new block of "
                    "prompts per level and repetition, the same blocks for engine and BatchGenerator",
-        "engine_prompt_cache_gb": cfg.prompt_cache_gb,
+        "engine_prompt_cache_gb": cfg.prompt_cache_gb, "engine_config": args.engine_config,
         "prompt_tokens": {"min": min(plens), "max": max(plens), "mean": round(sum(plens) / len(plens), 1)},
         "sampling": "greedy (temperature 0)",
         "eos_suppression": f"logit_bias -100 on EOS ids {eos_ids}: every request generates exactly max_tokens",

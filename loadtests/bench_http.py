@@ -50,6 +50,7 @@ from loadtests.common import (  # noqa: E402
     CONNECT_RETRIES, FreshPrompts, PhaseBudget, default_min_phase_s, ensure_model, machine_info, percentile,
     print_spread, print_table, reexec_with_openblas, send_streaming, spread, stagger, stop_local_serve, write_json,
 )
+from loadtests.proc_cpu import PhaseCpu, cpu_table  # noqa: E402
 
 TARGETS = {"http_vs_engine_c1": 0.9, "http_vs_engine_c32": 0.8, "http_vs_mlx_lm_server_c32": 1.0}
 PATHS = ("engine", "http", "mlx_lm_server")
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="warm-up requests per client at every level, for every path (default 2)")
     p.add_argument("--stagger-ms", type=float, default=20.0, help="client k of a phase starts k x this later (20)")
     p.add_argument("--paths", default=",".join(PATHS))
+    p.add_argument("--engine-config", type=json.loads, default={},
+                   help="JSON merged into the engine config of the engine and http paths, e.g. '{\"switch_interval_ms\": 1}'")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--quick", action="store_true", help="tiny model, 16 tokens, 2 repetitions: a smoke run")
     p.add_argument("--no-openblas", action="store_true")
@@ -226,10 +229,13 @@ async def phase(path: str, level: int, send: Send, prompts: FreshPrompts, per_cl
             recs.append(await send(prompts.take()))
             sent += 1
 
+    cpu = PhaseCpu()
+    cpu.start()
     t0 = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(level)))
     s = summarize(path, level, time.perf_counter() - t0, recs)
     s["prompts"] = prompts.used()
+    s["cpu"] = cpu.stop()
     return s
 
 
@@ -265,7 +271,7 @@ async def run_all(args: argparse.Namespace, model_dir: Path, bases: dict[str, tu
     senders.http.update(bases)
     engine = None
     if "engine" in args.paths:
-        engine = Engine(EngineConfig(max_batch_size=max(32, *args.levels)))
+        engine = Engine(EngineConfig(max_batch_size=max(32, *args.levels), **args.engine_config))
         await engine.load_model("bench", str(model_dir))
         senders.engine = engine_sender(engine, args.max_tokens, bias)
     prompts = FreshPrompts()
@@ -290,6 +296,7 @@ async def run_all(args: argparse.Namespace, model_dir: Path, bases: dict[str, tu
                     print(f"rep {rep} {path:<14} c={level:<3} {s['tokens_per_s']:9.1f} tok/s  {s['requests']} requests "
                           f"{s['wall_s']:.1f}s  TTFT p50 {s['ttft_p50_ms']:.1f} ms  retries {s['connect_retries']}"
                           + (f"  VOID: {s['error_list'][0]}" if s["void"] else ""), flush=True)
+                    print("    cpu " + cpu_table([s])[0][3], flush=True)
     finally:
         if engine is not None:
             await engine.shutdown(5)
@@ -353,7 +360,7 @@ def phase_settings(args: argparse.Namespace, min_s: float) -> dict[str, Any]:
             "repeats": args.repeats, "requests_per_client": args.requests_per_client,
             "min_phase_s": min_s, "phase": PhaseBudget(args.requests_per_client, min_s).describe(),
             "warmup_requests_per_client": args.warmup_requests, "stagger_ms": args.stagger_ms,
-            "connect_retries": CONNECT_RETRIES,
+            "connect_retries": CONNECT_RETRIES, "engine_config": getattr(args, "engine_config", {}),
             "order": "warm-up of every path at every level; then per repetition, per level, every path "
                      "once (their order rotating between repetitions)",
             "prompts": "numbered corpus prompts, a new range for every phase (warm-up included)",
@@ -408,7 +415,7 @@ def start_serve(model_dir: Path, args: argparse.Namespace) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     serve.run(build_app({"models": [{
         "name": "bench", "source": str(model_dir), "num_cpus": 0, "max_ongoing_requests": 256,
-        "engine": {"max_batch_size": max(32, *args.levels)}}]}), name="bench", route_prefix="/")
+        "engine": {"max_batch_size": max(32, *args.levels), **args.engine_config}}]}), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/ready", 300)
     return base

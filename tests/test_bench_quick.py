@@ -121,6 +121,16 @@ def test_bench_http_quick(home: Path, tmp_path: Path) -> None:
     for k, t in doc["targets"].items():
         assert t["value"] == doc["spread"][k]["median"] and t["met"] == (t["value"] >= t["target"])
     assert {r["path"] for r in doc["results"]} == set(s["paths"])
+    for p in phases:  # where the CPU went: the process doing the path's work is the busiest
+        roles = p["cpu"]["by_role"]
+        busiest = next(iter(roles))
+        assert p["cpu"]["total_cpu_s"] >= roles[busiest]["cpu_s"] > 0
+        if p["path"] == "http":
+            assert busiest == "serve replica model-bench", roles
+            assert {"serve replica ingress", "serve proxy"} <= roles.keys(), roles
+        else:
+            assert busiest == {"engine": "bench process (clients, in-process engine)",
+                               "mlx_lm_server": "mlx_lm.server"}[p["path"]], roles
 
 
 def test_bench_features_quick(home: Path, tmp_path: Path) -> None:
