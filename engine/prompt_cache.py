@@ -79,10 +79,14 @@ class PromptCache:
         depth = next((k for k in range(len(keys), 0, -1) if keys[k - 1] in self._index), 0)
         if not depth:
             return None, 0
+        known = depth * BLOCK
+        head = tuple(prompt[:known])
         best: tuple[int, Key] | None = None
         for key in list(reversed(self._index[keys[depth - 1]]))[:CANDIDATES]:
             tokens, entry = key[1], self._entries[key]
-            reuse = min(_common(tokens, prompt, depth * BLOCK), len(prompt) - 1)
+            if tokens[:known] != head:
+                continue  # a hash collision: equal hashes, other tokens
+            reuse = min(_common(tokens, prompt, known), len(prompt) - 1)
             if reuse < len(tokens) and not entry.trimmable:
                 continue  # it holds more than the prompt shares and cannot be cut back
             if best is None or reuse > best[0]:

@@ -118,3 +118,14 @@ def test_a_cache_that_cannot_be_trimmed_serves_only_prompts_it_is_a_prefix_of() 
     assert pc.lookup(SYSTEM + [2]) == (None, 0)  # it would have to give back tokens it cannot
     cache, n = pc.lookup(stored + [3])
     assert n == len(stored) and cache is not None
+
+
+def test_equal_block_hashes_with_other_tokens_are_no_hit(monkeypatch) -> None:  # noqa: ANN001
+    from engine import prompt_cache
+
+    monkeypatch.setattr(prompt_cache, "_block_keys",  # every block of every sequence collides
+                        lambda scope, tokens: [(scope, k, 0) for k in range(1, len(tokens) // BLOCK + 1)])
+    pc = PromptCache(max_bytes=1 << 30, max_entries=8)
+    pc.store(SYSTEM + [1] * 10, kv(len(SYSTEM) + 10))
+    assert pc.lookup([7] * 60) == (None, 0)
+    assert pc.lookup(SYSTEM + [2])[1] == len(SYSTEM)
