@@ -16,10 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 _SERVE_REPLICA = re.compile(r"ray::ServeReplica:[^:\s]+:([^\s.]+)")  # Ray appends ".<method>" while busy
 _NAMED = (  # (substring of the command line, role); the first match wins
@@ -29,6 +34,7 @@ _NAMED = (  # (substring of the command line, role); the first match wins
     ("raylet", "raylet"),
     ("dashboard/agent.py", "ray dashboard agent"),
     ("dashboard.py", "ray dashboard"),
+    ("ray-dashboard-", "ray dashboard"),  # the dashboard's head modules, each a process
     ("log_monitor.py", "ray log monitor"),
     ("monitor.py", "ray monitor"),
     ("runtime_env/agent", "ray runtime env agent"),
@@ -105,11 +111,16 @@ def cpu_table(phases: list[dict[str, Any]]) -> list[tuple[str, ...]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="CPU per process role over a time window (this user's processes)")
     p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--json", help="also write the result as JSON here")
     a = p.parse_args(argv)
     cpu = PhaseCpu()
     cpu.start()
     time.sleep(a.seconds)
     out = cpu.stop()
+    if a.json:
+        from loadtests.common import machine_info, write_json
+
+        write_json(a.json, {"benchmark": "proc_cpu", "machine": machine_info(), "window_s": a.seconds, **out})
     print(f"{out['cores_busy']:.2f} cores busy over {out['wall_s']:.0f} s")
     for name, v in out["by_role"].items():
         print(f"  {v['cores']:6.3f}  {name}")
