@@ -184,6 +184,7 @@ class GpuScheduler:
     # -- the loop (GPU thread) ------------------------------------------------------------------
     def _run(self) -> None:
         limits: dict[str, tuple[int, int]] = {}
+        switch_interval = sys.getswitchinterval()
         try:
             limits = apply_limits(self.memory.limit)
             if self.config.switch_interval_ms is not None:
@@ -208,6 +209,7 @@ class GpuScheduler:
             self._die(e)
         finally:
             restore_limits(limits)
+            sys.setswitchinterval(switch_interval)
 
     def _die(self, e: BaseException) -> None:
         """Fail every waiter and call the death listeners, once: from the dying loop, or from a sharded

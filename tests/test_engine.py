@@ -644,3 +644,17 @@ def test_a_lone_request_decodes_alone_and_joins_the_batch_when_another_comes(tin
         run(go())
     finally:
         run(e.shutdown(1))
+
+
+def test_switch_interval_is_set_while_the_gpu_thread_runs_and_restored_after(tiny_model_dir: Path) -> None:
+    before = sys.getswitchinterval()
+    e = Engine(EngineConfig(warmup=False, switch_interval_ms=0.5))
+    try:
+        run(e.load_model("tiny", str(tiny_model_dir)))  # the GPU thread has started and looped by now
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        out = run(e.complete(req("tiny", PROMPTS[0], 8)))
+        assert out.usage.completion_tokens > 0
+    finally:
+        run(e.shutdown(1))
+    e._scheduler._thread.join(5)
+    assert sys.getswitchinterval() == pytest.approx(before)
