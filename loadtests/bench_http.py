@@ -18,7 +18,8 @@ every level); then ``--repeats`` repetitions, each running every path at every l
 time, the order of the paths rotating), each phase with prompts no other phase had. A phase in which
 a request fails after connecting (HTTP error, broken stream, short output) is void: it is kept with
 its errors, and its repetition gives no ratio involving it. Aggregate tokens/s = generated tokens /
-wall time of the phase; TTFT is measured to the first content chunk. Ratios per repetition:
+wall time of the phase; TTFT is measured to the first content chunk. Each phase also records the CPU
+seconds of every process by role (``cpu``: the model replica, ingress, proxy, Ray's own; proc_cpu.py). Ratios per repetition:
 ``http_vs_engine_c1``, ``http_vs_engine_c32``, ``http_vs_mlx_lm_server_c32`` (one per level); the
 JSON's ``ratios`` are their medians, ``spread`` has median, min, max and every value, and targets are
 judged on the median.
@@ -50,7 +51,7 @@ from loadtests.common import (  # noqa: E402
     CONNECT_RETRIES, FreshPrompts, PhaseBudget, default_min_phase_s, ensure_model, machine_info, percentile,
     print_spread, print_table, reexec_with_openblas, send_streaming, spread, stagger, stop_local_serve, write_json,
 )
-from loadtests.proc_cpu import PhaseCpu, cpu_table  # noqa: E402
+from loadtests.proc_cpu import PhaseCpu, busiest  # noqa: E402
 
 TARGETS = {"http_vs_engine_c1": 0.9, "http_vs_engine_c32": 0.8, "http_vs_mlx_lm_server_c32": 1.0}
 PATHS = ("engine", "http", "mlx_lm_server")
@@ -296,7 +297,7 @@ async def run_all(args: argparse.Namespace, model_dir: Path, bases: dict[str, tu
                     print(f"rep {rep} {path:<14} c={level:<3} {s['tokens_per_s']:9.1f} tok/s  {s['requests']} requests "
                           f"{s['wall_s']:.1f}s  TTFT p50 {s['ttft_p50_ms']:.1f} ms  retries {s['connect_retries']}"
                           + (f"  VOID: {s['error_list'][0]}" if s["void"] else ""), flush=True)
-                    print("    cpu " + cpu_table([s])[0][3], flush=True)
+                    print("    cpu " + busiest(s["cpu"]), flush=True)
     finally:
         if engine is not None:
             await engine.shutdown(5)

@@ -8,7 +8,7 @@ Run it alone to watch a cluster under your own load::
     python loadtests/proc_cpu.py --seconds 30
 
 Processes are told apart by their titles (Ray sets ``ray::ServeReplica:<app>:<deployment>`` and the
-like); everything this user runs is counted, so nothing hides under "other".
+like). Every process of this user is counted; one that fits no role shows as ``other: <program>``.
 """
 
 from __future__ import annotations
@@ -96,16 +96,9 @@ class PhaseCpu:
         }
 
 
-def cpu_table(phases: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """Rows for ``print_table``: each phase's busiest roles, as cores."""
-    rows = []
-    for s in phases:
-        cpu = s.get("cpu")
-        if not cpu:
-            continue
-        top = ", ".join(f"{k} {v['cores']:.2f}" for k, v in list(cpu["by_role"].items())[:6])
-        rows.append((s["path"], str(s["concurrency"]), f"{cpu['cores_busy']:.2f}", top))
-    return rows
+def busiest(cpu: dict[str, Any], n: int = 6) -> str:
+    """A phase's ``n`` busiest roles, as cores: ``"serve replica model-bench 1.78, ..."``."""
+    return ", ".join(f"{k} {v['cores']:.2f}" for k, v in list(cpu["by_role"].items())[:n])
 
 
 def main(argv: list[str] | None = None) -> int:
