@@ -97,7 +97,10 @@ def test_bench_engine_quick(home: Path, tmp_path: Path) -> None:
             assert len(r["runs_tokens_per_s"]) == repeat
             assert r["generated_tokens"] == r["requests"] * s["max_tokens"] > 0
             assert r["tokens_per_request"] == [s["max_tokens"]]
-    assert set(doc["targets"]) == {f"engine_vs_batchgenerator_c{max(levels)}", f"engine_c{max(levels)}_vs_sequential"}
+    assert set(doc["targets"]) == {"engine_c1_vs_sequential"}  # --quick runs c=1,4: only the c=1 target applies
+    t = doc["targets"]["engine_c1_vs_sequential"]
+    assert t["target"] == 0.95 and t["value"] == doc["ratios"]["engine_c1_vs_sequential"]
+    assert t["met"] == (t["value"] >= 0.95)
 
 
 def test_bench_http_quick(home: Path, tmp_path: Path) -> None:
