@@ -124,16 +124,15 @@ def test_bench_http_quick(home: Path, tmp_path: Path) -> None:
     for k, t in doc["targets"].items():
         assert t["value"] == doc["spread"][k]["median"] and t["met"] == (t["value"] >= t["target"])
     assert {r["path"] for r in doc["results"]} == set(s["paths"])
-    for p in phases:  # where the CPU went: the process doing the path's work is the busiest
-        roles = p["cpu"]["by_role"]
-        busiest = next(iter(roles))
-        assert p["cpu"]["total_cpu_s"] >= roles[busiest]["cpu_s"] > 0
+    worker = {"engine": "bench process (clients, in-process engine)", "http": "serve replica model-bench",
+              "mlx_lm_server": "mlx_lm.server"}
+    for p in phases:  # where the CPU went: each path's work shows in its own process
+        roles = {k: v["cpu_s"] for k, v in p["cpu"]["by_role"].items()}
+        assert roles[worker[p["path"]]] > 0 and p["cpu"]["cores_busy"] > 0, roles
         if p["path"] == "http":
-            assert busiest == "serve replica model-bench", roles
-            assert {"serve replica ingress", "serve proxy"} <= roles.keys(), roles
-        else:
-            assert busiest == {"engine": "bench process (clients, in-process engine)",
-                               "mlx_lm_server": "mlx_lm.server"}[p["path"]], roles
+            assert roles["serve replica ingress"] > 0 and roles["serve proxy"] > 0, roles
+        else:  # the Serve model replica idles meanwhile
+            assert roles.get("serve replica model-bench", 0) < roles[worker[p["path"]]], roles
 
 
 def test_bench_features_quick(home: Path, tmp_path: Path) -> None:
