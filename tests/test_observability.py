@@ -308,9 +308,9 @@ def test_ray_exports_engine_and_http_metrics(app_url: str) -> None:
     from test_vllm_metrics import exported_dashboard_names
 
     before = _sample_sum(_scrape_ray(), "ray_mlx_serving_generation_tokens_total", model="demo", application="main")
-    for _ in range(2):  # the same prompt twice: the second finds the first's prefix in the cache
+    for _ in range(2):  # the same prompt twice (longer than a cache block): the second finds the first's prefix
         r = httpx.post(app_url + "/v1/completions", timeout=60,
-                       json={"model": "demo", "prompt": "count me", "max_tokens": 7, "logit_bias": no_eos(app_url)})
+                       json={"model": "demo", "prompt": "count me " * 12, "max_tokens": 7, "logit_bias": no_eos(app_url)})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7
     with httpx.stream("POST", app_url + "/v1/completions", timeout=60,
                       json={"model": "demo", "prompt": "stream me", "max_tokens": 3, "stream": True}) as s:
