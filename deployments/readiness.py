@@ -51,10 +51,10 @@ class Readiness:
 
         Serve's full details, not ``serve.status()`` (which is made from them): they also hold the
         autoscaler's current target per deployment. They are read as the plain dict the controller
-        sends (the schema of Ray's REST API), not parsed into ``ServeInstanceDetails``: that parse
-        pickles each deployment's request router class again: a tenth of the time the ingress's Ray
-        and Serve threads held Python's lock, profiled on a GPU under load (QoS refreshes this every
-        second)."""
+        sends (the schema of Ray's REST API), not parsed into ``ServeInstanceDetails``. That parse
+        pickles each deployment's request router class again, and took a tenth of the time the
+        ingress's Ray and Serve threads held Python's lock, profiled on a GPU under load (QoS
+        refreshes this every second)."""
         try:
             from ray.serve.context import _get_global_client
 

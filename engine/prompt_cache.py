@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
@@ -37,8 +38,8 @@ Key = tuple[str, tuple[int, ...]]
 class _Entry:
     cache: list[Any]
     nbytes: int
-    blocks: list[tuple[str, int, int]] = field(default_factory=list)  # its index keys
-    trimmable: bool = True
+    blocks: list[tuple[str, int, int]]  # its index keys
+    trimmable: bool
 
 
 def _block_keys(scope: str, tokens: list[int] | tuple[int, ...]) -> list[tuple[str, int, int]]:
@@ -82,7 +83,7 @@ class PromptCache:
         known = depth * BLOCK
         head = tuple(prompt[:known])
         best: tuple[int, Key] | None = None
-        for key in list(reversed(self._index[keys[depth - 1]]))[:CANDIDATES]:
+        for key in islice(reversed(self._index[keys[depth - 1]]), CANDIDATES):
             tokens, entry = key[1], self._entries[key]
             if tokens[:known] != head:
                 continue  # a hash collision: equal hashes, other tokens

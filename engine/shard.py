@@ -49,7 +49,6 @@ Bell = Callable[[], None]  # rank 0: wake the other ranks; the others: wait unti
 class ShardedBatch(TextBatch):
     """Rank 0's batch: a ``TextBatch`` whose changes and steps are replayed by the other ranks."""
 
-
     def __init__(self, model: Any, eos_ids: Sequence[int], *, group: Any, spec: ShardSpec, watchdog: Watchdog,
                  wake: Bell | None = None, **batch_kwargs: Any) -> None:
         super().__init__(model, eos_ids, **batch_kwargs)

@@ -19,10 +19,10 @@ time, the order of the paths rotating), each phase with prompts no other phase h
 a request fails after connecting (HTTP error, broken stream, short output) is void: it is kept with
 its errors, and its repetition gives no ratio involving it. Aggregate tokens/s = generated tokens /
 wall time of the phase; TTFT is measured to the first content chunk. Each phase also records the CPU
-seconds of every process by role (``cpu``: the model replica, ingress, proxy, Ray's own; proc_cpu.py). Ratios per repetition:
-``http_vs_engine_c1``, ``http_vs_engine_c32``, ``http_vs_mlx_lm_server_c32`` (one per level); the
-JSON's ``ratios`` are their medians, ``spread`` has median, min, max and every value, and targets are
-judged on the median.
+seconds of every process by role (``cpu``: the model replica, ingress, proxy, Ray's own; proc_cpu.py).
+Ratios per repetition: ``http_vs_engine_c1``, ``http_vs_engine_c32``, ``http_vs_mlx_lm_server_c32``
+(one per level); the JSON's ``ratios`` are their medians, ``spread`` has median, min, max and every
+value, and targets are judged on the median.
 
     python loadtests/bench_http.py --json bench-out/http.json
     python loadtests/bench_http.py --quick          # tiny model, 2 repetitions
@@ -361,7 +361,8 @@ def phase_settings(args: argparse.Namespace, min_s: float) -> dict[str, Any]:
             "repeats": args.repeats, "requests_per_client": args.requests_per_client,
             "min_phase_s": min_s, "phase": PhaseBudget(args.requests_per_client, min_s).describe(),
             "warmup_requests_per_client": args.warmup_requests, "stagger_ms": args.stagger_ms,
-            "connect_retries": CONNECT_RETRIES, "engine_config": getattr(args, "engine_config", {}),
+            "connect_retries": CONNECT_RETRIES,
+            **({"engine_config": args.engine_config} if hasattr(args, "engine_config") else {}),
             "order": "warm-up of every path at every level; then per repetition, per level, every path "
                      "once (their order rotating between repetitions)",
             "prompts": "numbered corpus prompts, a new range for every phase (warm-up included)",

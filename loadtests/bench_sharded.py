@@ -55,8 +55,7 @@ if __package__ in (None, ""):  # run as a script: make ``loadtests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests.common import (  # noqa: E402
-    FreshPrompts, default_min_phase_s, ensure_model, machine_info,
-    reexec_with_openblas, write_json,
+    FreshPrompts, default_min_phase_s, ensure_model, machine_info, reexec_with_openblas, write_json,
 )
 
 PATHS = ("single", "sharded", "mlx_lm_launch")
