@@ -84,8 +84,17 @@ def error_response(err: ReplicaError | EngineError, headers: dict[str, str] | No
     return JSONResponse(err.to_openai(), status_code=err.http_status, headers=hdrs)
 
 
+# Characters that JSON leaves raw but Python's str.splitlines (and so httpx's iter_lines) treats as line
+# breaks: written raw, a model's output holding one would cut an SSE event in two for such clients.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse_event(payload: Any) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+    """One SSE event; ``payload`` is a JSON text or a JSON-able value."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))
+    if not text.isascii():
+        text = text.translate(_LINE_BREAKS_JSON_KEEPS)
+    return f"data: {text}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
