@@ -8,6 +8,8 @@ Pick scenarios by user class or by tag (see loadtests/README.md)::
 
     class                 tag          what it does
     StreamingChatUser     stream       streamed chat; TTFT, TPOT and tokens/s as their own rows
+    ConversationUser      conversation multi-turn chats: each turn resends the growing history (the
+                                       workload of prefix-aware routing); first and later turns apart
     CompletionUser        completions  non-streamed /v1/completions; tokens/s
     StructuredOutputUser  structured   chat with response_format json_schema; the JSON is checked
     VisionUser            vision       streamed chat with an image; skipped without a vision model
@@ -32,6 +34,7 @@ Settings (environment variables):
     MLX_LOCUST_LOGIT_BIAS     JSON logit_bias for every request, e.g. '{"2": -100}' to suppress EOS
     MLX_LOCUST_API_KEY        bearer key for /v1 (OPENAI_API_KEY also works)
     MLX_LOCUST_WAIT_S         think time between a user's requests (default 0: closed loop)
+    MLX_LOCUST_TURNS          turns per conversation before ConversationUser starts a new one (default 6)
     MLX_LOCUST_VISION_MODEL   vision model id (default: a /v1/models id that looks like one)
     MLX_LOCUST_CANARY_ROUTE   route to test (required by CanaryUser)
     MLX_LOCUST_CANARY_WEIGHTS expected split, e.g. "stable=90,canary=10" (default: read from
@@ -65,6 +68,7 @@ MAX_TOKENS = int(os.environ.get("MLX_LOCUST_MAX_TOKENS", "64"))
 TEMPERATURE = float(os.environ.get("MLX_LOCUST_TEMPERATURE", "0.7"))
 API_KEY = os.environ.get("MLX_LOCUST_API_KEY") or os.environ.get("OPENAI_API_KEY")
 WAIT_S = float(os.environ.get("MLX_LOCUST_WAIT_S", "0"))
+TURNS = int(os.environ.get("MLX_LOCUST_TURNS", "6"))
 LOGIT_BIAS = json.loads(os.environ["MLX_LOCUST_LOGIT_BIAS"]) if os.environ.get("MLX_LOCUST_LOGIT_BIAS") else None
 VISION_HINTS = ("vl", "vision", "llava", "pixtral", "qwen2-vl", "phi-3-v", "phi3-v", "idefics", "paligemma")
 
@@ -242,6 +246,37 @@ class StreamingChatUser(OpenAIUser):
         self.ensure_running()
         prompt = random.choice(PROMPTS)
         self.stream_chat("chat [stream]", self.body(self.model, messages=[{"role": "user", "content": prompt}]))
+
+
+class ConversationUser(OpenAIUser):
+    """A user in a growing conversation with a system prompt of its own, as in a chat app: each turn
+    sends the whole history, so the replica that served the previous turn holds all but the new
+    message in its prompt cache. TTFT rows name first and later turns apart, since only later turns
+    can find their prefix cached."""
+
+    weight = 2
+
+    def on_start(self) -> None:
+        self.model = self.text_model()
+        self.history: list[dict[str, str]] = []
+
+    def new_conversation(self) -> None:
+        persona = " ".join(random.sample(PROMPTS, 4))
+        self.history = [{"role": "system", "content": f"Conversation {uuid.uuid4().hex[:8]}. Stay on topic: {persona}"}]
+
+    @tag("conversation", "chat")
+    @task
+    def next_turn(self) -> None:
+        self.ensure_running()
+        if len(self.history) < 2 or len(self.history) >= 1 + 2 * TURNS:
+            self.new_conversation()
+        name = "conversation [first turn]" if len(self.history) == 1 else "conversation [later turn]"
+        self.history.append({"role": "user", "content": random.choice(PROMPTS)})
+        out = self.stream_chat(name, self.body(self.model, messages=self.history))
+        if out is None:  # a failed turn ends the conversation: the next task starts a new one
+            self.history = []
+            return
+        self.history.append({"role": "assistant", "content": out["text"]})
 
 
 class CompletionUser(OpenAIUser):

@@ -402,11 +402,12 @@ def test_dashboard_and_scrape_config_use_exported_names() -> None:
 # -- Locust ---------------------------------------------------------------------------------------
 def test_locust_streaming_smoke(app_url: str, tmp_path: Path) -> None:
     prefix = tmp_path / "smoke"
-    env = {**os.environ, "MLX_LOCUST_MODEL": "demo", "MLX_LOCUST_MAX_TOKENS": "8"}
+    env = {**os.environ, "MLX_LOCUST_MODEL": "demo", "MLX_LOCUST_MAX_TOKENS": "8", "MLX_LOCUST_TURNS": "2"}
     locust = Path(sys.executable).with_name("locust")
     proc = subprocess.run(
-        [str(locust), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless", "-u", "2", "-r", "2",
-         "-t", "5s", "--host", app_url, "--csv", str(prefix), "--only-summary", "StreamingChatUser"],
+        [str(locust), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless", "-u", "3", "-r", "3",
+         "-t", "5s", "--host", app_url, "--csv", str(prefix), "--only-summary", "StreamingChatUser",
+         "ConversationUser"],
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "smoke_stats.csv").open()))
@@ -416,6 +417,9 @@ def test_locust_streaming_smoke(app_url: str, tmp_path: Path) -> None:
     post = by_type[("POST", "chat [stream]")]
     assert int(post["Request Count"]) >= int(ttft["Request Count"]) and int(post["Failure Count"]) == 0
     assert int(by_type[("TPS", "chat [stream]")]["Request Count"]) > 0
+    for turn in ("first turn", "later turn"):  # conversations went past their first turn, without a failure
+        assert int(by_type[("TTFT", f"conversation [{turn}]")]["Request Count"]) > 0
+        assert int(by_type[("POST", f"conversation [{turn}]")]["Failure Count"]) == 0
     tokens = list(csv.DictReader((tmp_path / "smoke_tokens.csv").open()))[0]
     assert int(tokens["generated_tokens"]) > 0
 
