@@ -4,9 +4,11 @@ One Ray Serve app with the same model twice, each with two replicas: ``chat-load
 Serve's power of two choices, ``chat-prefix`` with ``routing: prefix``
 (deployments/routing/prefix_affinity.py). ``--users`` simulated users each hold a conversation: a
 system prompt of their own, then ``--turns`` turns; each turn sends the whole conversation so far
-(streamed, greedy, ``--max-tokens`` tokens, EOS banned) and appends the answer. A replica that
-served a user's earlier turn holds that prefix in its prompt cache; on the other replica the whole
-conversation is prefilled again.
+(streamed, greedy, ``--max-tokens`` tokens, EOS banned) and appends the answer. Users start
+``--stagger-s`` apart and pause ``--think-s`` between an answer and their next turn, as people in a
+chat do. A replica that served a user's earlier turn holds that prefix in its prompt cache; on the
+other replica the whole conversation is prefilled again. Each phase also reports the share of its
+prompt tokens that came from the prompt cache (``usage.prompt_tokens_details.cached_tokens``).
 
 Each repetition runs one phase per path in alternating order (A B, then B A), every phase with new
 users (new system prompts: no phase finds another's prefix in any cache), after one warm-up phase
@@ -46,10 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a local mlx-lm model directory (default: the bench demo model)")
     p.add_argument("--model-dir", help="where the demo model is built/found")
-    p.add_argument("--users", type=int, help="concurrent conversations per phase (default 8; --quick 2)")
-    p.add_argument("--turns", type=int, help="turns per conversation (default 6; --quick 3)")
+    p.add_argument("--users", type=int, help="concurrent conversations per phase (default 4; --quick 2)")
+    p.add_argument("--turns", type=int, help="turns per conversation (default 4; --quick 3)")
     p.add_argument("--system-sentences", type=int, default=40, help="length of each user's system prompt")
     p.add_argument("--max-tokens", type=int, help="tokens per answer (default 16; --quick 4)")
+    p.add_argument("--think-s", type=float, help="a user's pause between an answer and their next turn (default 2; --quick 0.1)")
+    p.add_argument("--stagger-s", type=float, help="user u starts u times this after the phase begins (default 2; --quick 0.1)")
+    p.add_argument("--prompt-cache-gb", type=float,
+                   help="each replica's prompt cache size (engine.prompt_cache_gb; default: EngineConfig's)")
+    p.add_argument("--prompt-cache-entries", type=int,
+                   help="sequences each replica's prompt cache keeps, one per conversation "
+                        "(engine.prompt_cache_entries; default: EngineConfig's)")
     p.add_argument("--repeats", type=int, help="repetitions (default 5; --quick 1)")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 users, 3 turns, 1 repetition: a smoke run")
@@ -57,8 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     q = a.quick
     a.preset = "tiny" if q else "bench"
-    a.users = a.users or (2 if q else 8)
-    a.turns = a.turns or (3 if q else 6)
+    a.users = a.users or (2 if q else 4)
+    a.turns = a.turns or (3 if q else 4)
+    a.think_s = (0.1 if q else 2.0) if a.think_s is None else a.think_s
+    a.stagger_s = (0.1 if q else 2.0) if a.stagger_s is None else a.stagger_s
     a.max_tokens = a.max_tokens or (4 if q else 16)
     a.repeats = a.repeats or (1 if q else 5)
     return a
@@ -82,13 +93,16 @@ class Conversations:
         return out
 
 
-async def converse(h: Any, model: str, history: list[dict[str, str]], args: argparse.Namespace,
+async def converse(h: Any, model: str, user: int, history: list[dict[str, str]], args: argparse.Namespace,
                    bias: dict[str, float], recs: list[dict[str, Any]]) -> None:
+    await asyncio.sleep(user * args.stagger_s)
     for turn in range(args.turns):
+        if turn:
+            await asyncio.sleep(args.think_s)
         history.append({"role": "user", "content": f"Question {turn}: what comes next in the story?"})
         body = {"model": model, "messages": history, "max_tokens": args.max_tokens, "temperature": 0.0,
-                "logit_bias": bias, "stream": True}
-        rec: dict[str, Any] = {"turn": turn, "ttft": None, "error": None}
+                "logit_bias": bias, "stream": True, "stream_options": {"include_usage": True}}
+        rec: dict[str, Any] = {"turn": turn, "ttft": None, "error": None, "prompt_tokens": 0, "cached_tokens": 0}
         start = time.perf_counter()
         answer = ""
         try:
@@ -103,6 +117,9 @@ async def converse(h: Any, model: str, history: list[dict[str, str]], args: argp
                         if "error" in chunk:
                             rec["error"] = line[:200]
                             break
+                        if usage := chunk.get("usage"):
+                            rec["prompt_tokens"] = usage["prompt_tokens"]
+                            rec["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                         piece = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
                         if piece:
                             rec["ttft"] = rec["ttft"] or time.perf_counter() - start
@@ -123,20 +140,23 @@ async def phase(base: str, path: str, args: argparse.Namespace, users: list[list
     limits = httpx.Limits(max_connections=len(users) + 2)
     t0 = time.perf_counter()
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as h:
-        await asyncio.gather(*(converse(h, PATHS[path], u, args, bias, recs) for u in users))
+        await asyncio.gather(*(converse(h, PATHS[path], i, u, args, bias, recs) for i, u in enumerate(users)))
     wall = time.perf_counter() - t0
     errors = [r["error"] for r in recs if r["error"]]
     ttfts = [r["ttft"] for r in recs if r["ttft"] is not None]
     later = [r["ttft"] for r in recs if r["ttft"] is not None and r["turn"] > 0]
     ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
+    cached = lambda rs: round(sum(r["cached_tokens"] for r in rs) / max(1, sum(r["prompt_tokens"] for r in rs)), 3)  # noqa: E731
     return {"path": path, "void": bool(errors), "errors": len(errors), "first_error": errors[0] if errors else None,
             "requests": len(recs), "wall_s": round(wall, 2),
             "tokens_per_s": round(len(ttfts) * args.max_tokens / wall, 1),
             "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p99_ms": ms(percentile(ttfts, 99)),
-            "ttft_p50_ms_after_first_turn": ms(percentile(later, 50))}
+            "ttft_p50_ms_after_first_turn": ms(percentile(later, 50)),
+            "cached_prompt_fraction": cached(recs),
+            "cached_prompt_fraction_after_first_turn": cached([r for r in recs if r["turn"] > 0])}
 
 
-def start_server(model_dir: Path) -> str:
+def start_server(model_dir: Path, engine: dict[str, Any]) -> str:
     import ray
     from ray import serve
 
@@ -148,8 +168,8 @@ def start_server(model_dir: Path) -> str:
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR",
              log_to_driver=False, runtime_env={"env_vars": {**env, "MLX_SERVING_LOG_LEVEL": "WARNING"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    models = [{"name": name, "source": str(model_dir), "num_cpus": 0, "num_replicas": 2, "routing": routing}
-              for routing, name in PATHS.items()]
+    models = [{"name": name, "source": str(model_dir), "num_cpus": 0, "num_replicas": 2, "routing": routing,
+               "engine": engine} for routing, name in PATHS.items()]
     serve.run(build_app({"models": models}), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/ready", 600)
@@ -169,7 +189,7 @@ async def run_all(base: str, args: argparse.Namespace, bias: dict[str, float]) -
         for path in order:
             p = rep[path] = await phase(base, path, args, convs.take(args.users), bias)
             print(f"rep {i} {path:<7} ttft p50 {p['ttft_p50_ms']} ms p99 {p['ttft_p99_ms']} ms  "
-                  f"{p['tokens_per_s']} tok/s  errors {p['errors']}" + (f" (first: {p['first_error']})" if p["errors"] else ""),
+                  f"{p['tokens_per_s']} tok/s  cached {p['cached_prompt_fraction_after_first_turn']}  errors {p['errors']}" + (f" (first: {p['first_error']})" if p["errors"] else ""),
                   flush=True)
         reps.append(rep)
 
@@ -193,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_model(args.model, args.model_dir, args.preset)
     from loadtests.bench_http import eos_bias
 
-    base = start_server(model_dir)
+    engine = {k: v for k in ("prompt_cache_gb", "prompt_cache_entries") if (v := getattr(args, k)) is not None}
+    base = start_server(model_dir, engine)
     try:
         out = asyncio.run(run_all(base, args, eos_bias(model_dir)))
     finally:
@@ -207,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, {
             "benchmark": "bench_prefix_routing", "machine": machine_info(), "model": str(model_dir),
-            "settings": {k: getattr(args, k) for k in ("users", "turns", "system_sentences", "max_tokens", "repeats")},
+            "settings": {k: getattr(args, k) for k in ("users", "turns", "system_sentences", "max_tokens", "think_s",
+                                                       "stagger_s", "prompt_cache_gb", "prompt_cache_entries",
+                                                       "repeats")},
             "ratios": {k: v["median"] for k, v in s.items()}, "goal": {"prefix_routing_ttft_p50_speedup": f">= {GOAL}"},
             **out})
     return 0 if met else 1

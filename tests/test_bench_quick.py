@@ -187,6 +187,7 @@ def test_bench_prefix_routing_quick(home: Path, tmp_path: Path) -> None:
         for p in rep.values():
             assert not p["void"], p["first_error"]
             assert p["requests"] == s["users"] * s["turns"] and p["tokens_per_s"] > 0
+        assert rep["prefix"]["cached_prompt_fraction_after_first_turn"] > 0.5  # later turns found their history
 
 
 # -- the helpers, on real faults --------------------------------------------------------------------
