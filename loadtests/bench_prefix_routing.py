@@ -52,8 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--turns", type=int, help="turns per conversation (default 4; --quick 3)")
     p.add_argument("--system-sentences", type=int, default=40, help="length of each user's system prompt")
     p.add_argument("--max-tokens", type=int, help="tokens per answer (default 16; --quick 4)")
-    p.add_argument("--think-s", type=float, help="a user's pause between an answer and their next turn (default 2; --quick 0.1)")
-    p.add_argument("--stagger-s", type=float, help="user u starts u times this after the phase begins (default 2; --quick 0.1)")
+    p.add_argument("--think-s", type=float,
+                   help="a user's pause between an answer and their next turn (default 2; --quick 0.1)")
+    p.add_argument("--stagger-s", type=float,
+                   help="user u starts u times this after the phase begins (default 2; --quick 0.1)")
     p.add_argument("--prompt-cache-gb", type=float,
                    help="each replica's prompt cache size (engine.prompt_cache_gb; default: EngineConfig's)")
     p.add_argument("--prompt-cache-entries", type=int,
@@ -146,7 +148,11 @@ async def phase(base: str, path: str, args: argparse.Namespace, users: list[list
     ttfts = [r["ttft"] for r in recs if r["ttft"] is not None]
     later = [r["ttft"] for r in recs if r["ttft"] is not None and r["turn"] > 0]
     ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
-    cached = lambda rs: round(sum(r["cached_tokens"] for r in rs) / max(1, sum(r["prompt_tokens"] for r in rs)), 3)  # noqa: E731
+
+    def cached(rs: list[dict[str, Any]]) -> float:
+        """The share of these requests' prompt tokens served from the prompt cache."""
+        return round(sum(r["cached_tokens"] for r in rs) / max(1, sum(r["prompt_tokens"] for r in rs)), 3)
+
     return {"path": path, "void": bool(errors), "errors": len(errors), "first_error": errors[0] if errors else None,
             "requests": len(recs), "wall_s": round(wall, 2),
             "tokens_per_s": round(len(ttfts) * args.max_tokens / wall, 1),
@@ -189,8 +195,8 @@ async def run_all(base: str, args: argparse.Namespace, bias: dict[str, float]) -
         for path in order:
             p = rep[path] = await phase(base, path, args, convs.take(args.users), bias)
             print(f"rep {i} {path:<7} ttft p50 {p['ttft_p50_ms']} ms p99 {p['ttft_p99_ms']} ms  "
-                  f"{p['tokens_per_s']} tok/s  cached {p['cached_prompt_fraction_after_first_turn']}  errors {p['errors']}" + (f" (first: {p['first_error']})" if p["errors"] else ""),
-                  flush=True)
+                  f"{p['tokens_per_s']} tok/s  cached {p['cached_prompt_fraction_after_first_turn']}  "
+                  f"errors {p['errors']}" + (f" (first: {p['first_error']})" if p["errors"] else ""), flush=True)
         reps.append(rep)
 
     def ratio(rep: dict[str, Any], key: str, invert: bool = False) -> float | None:
