@@ -201,7 +201,8 @@ class Engine:
                 processors = make_processors(p_i) + (constraints if i == 0 else
                                                      constraint_processors(m, request, channel))
                 guard = RowGuard()  # this choice's sampler and processors fail it alone, not its batch
-                stream = self._registry.open(request.request_id if i == 0 else f"{request.request_id}/{i}", stream_loop)
+                stream = self._registry.open(request.request_id if i == 0 else f"{request.request_id}/{i}", stream_loop,
+                                             chunk_id=request.request_id, index=i)
                 members.append(Sequence(
                     request=request, prompt=prompt, stream=stream, sampler=guard.sampler(make_sampler(p_i)),
                     processors=[guard.processor(f) for f in processors], deadline=deadline, num_draft=num_draft,
@@ -238,7 +239,8 @@ class Engine:
             raise
         self._scheduler.submit(leader)
         try:
-            async for chunk in merged([_chunks(seq.stream) for seq in leader.members]):
+            interval = self.config.stream_interval_ms / 1000
+            async for chunk in merged([_chunks(seq.stream, interval) for seq in leader.members]):
                 yield chunk
         finally:
             self._close(leader)
@@ -286,13 +288,20 @@ class Engine:
         self._prepare.shutdown()
 
 
-async def _chunks(stream: Any) -> AsyncIterator[GenerationChunk]:
-    """One stream's chunks until its final one (its errors raise)."""
+async def _chunks(stream: Any, interval_s: float) -> AsyncIterator[GenerationChunk]:
+    """One stream's chunks until its final one (its errors raise); the next read waits until
+    ``interval_s`` after the last, unless the consumer took that long itself."""
+    loop = asyncio.get_running_loop()
     while True:
         chunk = await stream.next()
+        read = loop.time()
         yield chunk
         if chunk.finish_reason is not None:
             return
+        if interval_s:
+            wait = read + interval_s - loop.time()
+            if wait > 0:
+                await stream.pause(wait)
 
 
 def merge_by_index(chunks: list[GenerationChunk]) -> list[GenerationChunk]:

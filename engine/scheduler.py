@@ -691,6 +691,9 @@ class GpuScheduler:
         piece = out.add(r.token, r.logprobs)
         finish = "stop" if piece.stop_hit or r.finish_reason == "stop" else r.finish_reason
         first = seq.first_token_at is None
+        if finish is None and not first and piece.logprob is None and not piece.reasoning and not piece.tool_calls:
+            seq.stream.push_token(piece.text, r.token)  # the common case: answer text, nothing else
+            return False
         if first:
             seq.first_token_at = now
             self.observer.on_first_token(m.name, now - seq.submitted)

@@ -47,60 +47,85 @@ class Waker:
                     stream.closed = True
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _wake(streams: list[RequestStream]) -> None:
     for stream in streams:
         stream._ready.set()
 
 
+Token = tuple[str, int]  # a plain token as the GPU thread queues it: (its answer text, its id)
+
+
 class _Run(list):
-    """Chunks coalesced for a lagging consumer, in order; the consumer concatenates them once."""
+    """Chunks and tokens coalesced for a lagging consumer, in order; the consumer joins them once."""
 
 
 class RequestStream:
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_items: int,
-                 waker: Waker | None = None) -> None:
+                 waker: Waker | None = None, chunk_id: str | None = None, index: int = 0) -> None:
         self.request_id = request_id
+        self.chunk_id = chunk_id or request_id  # the request id and choice its chunks carry
+        self.index = index
         self._loop = loop
         self._waker = waker
         self._max_items = max_items
-        self._items: deque[GenerationChunk | _Run | EngineError] = deque()
+        self._items: deque[GenerationChunk | Token | _Run | EngineError] = deque()
         self._lock = threading.Lock()
         self._ready = asyncio.Event()
         self._notified = False
+        self._pause: asyncio.Future[None] | None = None  # the consumer waits for output to gather
         self.closed = False  # set by the consumer side when it goes away
         self.finished = False  # set by the producer after the final chunk or an error
         self.last_read = time.monotonic()
         self._unread_since = self.last_read  # when the oldest item the consumer has not read came
 
     # -- producer side (GPU thread) -------------------------------------------------------------
-    def push(self, item: GenerationChunk | EngineError, deferred: bool = False) -> None:
+    def push_token(self, text: str, token: int) -> None:
+        """One plain token (answer text, not the last): the common case, queued without a chunk object
+        (the consumer builds one chunk per read); the waker's next flush wakes the consumer."""
+        self.push((text, token), deferred=True)
+
+    def push(self, item: GenerationChunk | Token | EngineError, deferred: bool = False) -> None:
         """Queue ``item``; ``deferred`` leaves waking the consumer to the waker's next flush."""
         with self._lock:
             if self.finished or self.closed:
                 return
-            if isinstance(item, EngineError) or item.finish_reason is not None:
+            error = isinstance(item, EngineError)
+            if error or (type(item) is not tuple and item.finish_reason is not None):  # type: ignore[union-attr]
                 self.finished = True
             last = self._items[-1] if self._items else None
             if last is None:
                 self._unread_since = time.monotonic()
-            if isinstance(item, GenerationChunk) and isinstance(last, _Run):
-                last.append(item)
+            if not error and isinstance(last, _Run):
+                last.append(item)  # type: ignore[arg-type]
             elif (
-                isinstance(item, GenerationChunk)
-                and isinstance(last, GenerationChunk)
+                not error and last is not None and not isinstance(last, EngineError)
                 and len(self._items) >= self._max_items
             ):
                 self._items[-1] = _Run((last, item))
             else:
                 self._items.append(item)
+            pause = None
             if self._notified:
-                return
+                pause = self._pause if self.finished else None  # the last item ends a pause at once
+                if pause is None:
+                    return
             self._notified = True
+        if pause is not None:
+            self._call_soon(_resolve, pause)
+            return
         if deferred and self._waker is not None:
             self._waker.defer(self)
             return
+        self._call_soon(self._ready.set)
+
+    def _call_soon(self, fn: Callable[..., None], *args: object) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._ready.set)
+            self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the consumer's loop is gone: nobody is listening any more
             self.closed = True
 
@@ -113,6 +138,21 @@ class RequestStream:
         return bool(self._items) and now - max(self.last_read, self._unread_since) > timeout_s
 
     # -- consumer side (caller's event loop) ----------------------------------------------------
+    async def pause(self, seconds: float) -> None:
+        """Let output gather for up to ``seconds``: one read then takes many tokens. The final chunk
+        or an error ends the pause, so the end of a stream never waits."""
+        fut = self._loop.create_future()
+        with self._lock:
+            if self.finished:
+                return
+            self._pause = fut
+        timer = self._loop.call_later(seconds, _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._pause = None
+
     async def next(self) -> GenerationChunk:
         """Everything available now, merged into one chunk; raises the engine's error if any."""
         while True:
@@ -125,10 +165,10 @@ class RequestStream:
                 self._notified = False
             await self._ready.wait()
         self.last_read = time.monotonic()
-        chunks: list[GenerationChunk] = []
+        parts: list[GenerationChunk | Token] = []
         for item in items:
             if isinstance(item, EngineError):
-                chunk = GenerationChunk.concat(chunks) if chunks else None
+                chunk = self._join(parts) if parts else None
                 if chunk is not None and (chunk.text or chunk.token_ids):
                     with self._lock:  # deliver the text first, the error on the next call
                         self._items.appendleft(item)
@@ -137,10 +177,32 @@ class RequestStream:
                     return chunk
                 raise item
             if isinstance(item, _Run):
-                chunks.extend(item)
+                parts.extend(item)
             else:
-                chunks.append(item)
+                parts.append(item)
+        return self._join(parts)
+
+    def _join(self, parts: list[GenerationChunk | Token]) -> GenerationChunk:
+        """Parts in order as one chunk; each run of plain tokens becomes one chunk first."""
+        chunks: list[GenerationChunk] = []
+        texts: list[str] = []
+        ids: list[int] = []
+        for part in parts:
+            if type(part) is tuple:
+                texts.append(part[0])
+                ids.append(part[1])
+                continue
+            if ids:
+                chunks.append(self._plain(texts, ids))
+                texts, ids = [], []
+            chunks.append(part)  # type: ignore[arg-type]
+        if ids:
+            chunks.append(self._plain(texts, ids))
         return GenerationChunk.concat(chunks)
+
+    def _plain(self, texts: list[str], ids: list[int]) -> GenerationChunk:
+        return GenerationChunk.model_construct(request_id=self.chunk_id, text="".join(texts), token_ids=ids,
+                                               index=self.index)
 
 
 class StreamRegistry:
@@ -153,13 +215,14 @@ class StreamRegistry:
         self._max_items = max_items
         self.waker = waker or Waker()
 
-    def open(self, request_id: str, loop: asyncio.AbstractEventLoop) -> RequestStream:
+    def open(self, request_id: str, loop: asyncio.AbstractEventLoop, chunk_id: str | None = None,
+             index: int = 0) -> RequestStream:
         with self._lock:
             if request_id in self._streams:
                 from .errors import InvalidRequestError
 
                 raise InvalidRequestError(f"request id {request_id!r} is already in flight", param="request_id")
-            stream = RequestStream(request_id, loop, self._max_items, self.waker)
+            stream = RequestStream(request_id, loop, self._max_items, self.waker, chunk_id, index)
             self._streams[request_id] = stream
             return stream
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +247,71 @@ def test_a_lagging_consumers_tokens_are_appended_never_copied_on_the_gpu_thread(
     items = run(lagging())
     assert len(items) == 2 and items[0] is pushed[0]
     assert isinstance(items[1], _Run) and all(a is b for a, b in zip(items[1], pushed[1:500], strict=True))
+
+
+def test_plain_tokens_are_queued_bare_and_read_as_one_chunk_of_their_choice() -> None:
+    """The GPU thread queues a plain token as (text, id); a read joins them, with the chunks around
+    them, into one chunk carrying the request's id and the choice's index."""
+    from engine.request import GenerationChunk, Usage
+    from engine.streams import RequestStream
+
+    async def go() -> tuple[GenerationChunk, list[object]]:
+        stream = RequestStream("r/1", asyncio.get_running_loop(), max_items=2, chunk_id="r", index=1)
+        stream.push(GenerationChunk(request_id="r", text="a", token_ids=[1], index=1, prompt_text="p"))
+        for i in range(2, 40):
+            stream.push_token(f"t{i}", i)
+        items = list(stream._items)
+        stream.push(GenerationChunk(request_id="r", text="z", token_ids=[40], index=1, finish_reason="stop",
+                                    usage=Usage(completion_tokens=40)))
+        return await stream.next(), items
+
+    got, items = run(go())
+    assert len(items) == 2 and items[0].prompt_text == "p" and items[1][0] == ("t2", 2)  # type: ignore[attr-defined]
+    assert got.request_id == "r" and got.index == 1 and got.prompt_text == "p"
+    assert got.text == "a" + "".join(f"t{i}" for i in range(2, 40)) + "z"
+    assert got.token_ids == list(range(1, 41)) and got.finish_reason == "stop" and got.usage.completion_tokens == 40
+
+
+def test_a_pause_ends_when_the_last_chunk_comes() -> None:
+    """A consumer letting tokens gather (stream_interval_ms) is woken by the final chunk, not by its timer."""
+    from engine.request import GenerationChunk
+    from engine.streams import RequestStream
+
+    async def go() -> GenerationChunk:
+        stream = RequestStream("r", asyncio.get_running_loop(), max_items=8)
+        stream.push(GenerationChunk(request_id="r", text="a", token_ids=[1]))
+        await stream.next()
+        pausing = asyncio.ensure_future(stream.pause(3600))
+        await asyncio.sleep(0)
+        threading.Thread(target=lambda: (stream.push_token("b", 2), stream.push(
+            GenerationChunk(request_id="r", text="c", token_ids=[3], finish_reason="length")))).start()
+        await asyncio.wait_for(pausing, 30)  # an hour's timer: only the last chunk can end it
+        return await stream.next()
+
+    got = run(go())
+    assert got.text == "bc" and got.token_ids == [2, 3] and got.finish_reason == "length"
+
+
+def test_a_stream_interval_sends_fewer_chunks_with_the_same_output(tiny_model_dir: Path) -> None:
+    paced = Engine(EngineConfig(warmup=False, prompt_cache_gb=0, stream_interval_ms=200))
+    plain = Engine(EngineConfig(warmup=False, prompt_cache_gb=0))
+
+    async def chunks(e: Engine) -> tuple[list[GenerationChunk], float]:
+        await e.load_model("tiny", str(tiny_model_dir))
+        t0 = time.monotonic()
+        out = [c async for c in e.generate(req("tiny", PROMPTS[2], 64, logit_bias={eos_id(e): -100.0}))]
+        return out, time.monotonic() - t0
+
+    try:
+        (got, took), (want, _) = run(chunks(paced)), run(chunks(plain))
+    finally:
+        run(paced.shutdown(1))
+        run(plain.shutdown(1))
+    assert "".join(c.text for c in got) == "".join(c.text for c in want)
+    assert [t for c in got for t in c.token_ids] == [t for c in want for t in c.token_ids]
+    assert len(got[0].token_ids) == 1  # the first token never waits
+    assert got[-1].usage.completion_tokens == 64
+    assert len(got) <= 2 + took / 0.2  # the first read, one per 200 ms, and the final chunk
 
 
 def test_cancelling_a_consumer_frees_its_slot(tiny_model_dir: Path) -> None:
