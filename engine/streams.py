@@ -6,7 +6,8 @@ so the buffer holds at most ``max_items`` entries and one request's buffered tex
 own ``max_tokens``; the consumer joins a run in one pass when it reads. A consumer
 that reads nothing for ``stall_timeout_s`` while output waits is cut off and its slot freed. The
 consumer always receives everything available in one item, which is also how tokens get coalesced
-across Ray hops without delaying the first one.
+across Ray hops without delaying the first one; a consumer that ``pause``s between reads lets them
+gather on purpose (``stream_interval_ms``), and the last item ends its pause.
 """
 
 from __future__ import annotations
