@@ -14,7 +14,7 @@ old (20 s on a GPU; never past 3x that). Client k starts k x ``--stagger-ms`` af
 refused connect is retried (nothing was sent), so no listen backlog counts as a failure.
 
 Statistics (docs/benchmarks.md): every path gets the same warm-up (``--warmup-requests`` per client at
-every level); then ``--repeats`` repetitions, each running every path at every level (one phase at a
+every level; by default 2, and on a GPU at least 64 requests per level); then ``--repeats`` repetitions, each running every path at every level (one phase at a
 time, the order of the paths rotating), each phase with prompts no other phase had. A phase in which
 a request fails after connecting (HTTP error, broken stream, short output) is void: it is kept with
 its errors, and its repetition gives no ratio involving it. Aggregate tokens/s = generated tokens /
@@ -49,7 +49,8 @@ if __package__ in (None, ""):
 
 from loadtests.common import (  # noqa: E402
     CONNECT_RETRIES, FreshPrompts, PhaseBudget, default_min_phase_s, ensure_model, machine_info, percentile,
-    print_spread, print_table, reexec_with_openblas, send_streaming, spread, stagger, stop_local_serve, write_json,
+    print_spread, print_table, reexec_with_openblas, send_streaming, spread, stagger, stop_local_serve,
+    warmup_per_client, write_json,
 )
 from loadtests.proc_cpu import PhaseCpu, busiest  # noqa: E402
 
@@ -71,8 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 20 on a GPU, 0 on the CPU and with --quick)")
     p.add_argument("--repeats", type=int, default=None,
                    help="repetitions, each running every path at every level (default 5; --quick 2)")
-    p.add_argument("--warmup-requests", type=int, default=2,
-                   help="warm-up requests per client at every level, for every path (default 2)")
+    p.add_argument("--warmup-requests", type=int, default=None,
+                   help="warm-up requests per client at every level, for every path (default 2; on a GPU at "
+                        "least 64 per level in all)")
     p.add_argument("--stagger-ms", type=float, default=20.0, help="client k of a phase starts k x this later (20)")
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--engine-config", type=json.loads, default={},
@@ -89,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [x for x in a.paths if x not in PATHS]
     if bad:
         p.error(f"unknown path(s) {bad}; choose from {PATHS}")
-    if not a.levels or min(a.levels) < 1 or min(a.requests_per_client, a.repeats) < 1 or a.warmup_requests < 0:
+    if not a.levels or min(a.levels) < 1 or min(a.requests_per_client, a.repeats) < 1 or (a.warmup_requests or 0) < 0:
         p.error("levels, --requests-per-client and --repeats must be positive")
     return a
 
@@ -281,9 +283,10 @@ async def run_all(args: argparse.Namespace, model_dir: Path, bases: dict[str, tu
     try:
         for path in args.paths:  # the same warm-up for every path: every level, fresh prompts
             for level in args.levels:
-                if args.warmup_requests:
+                n = warmup_per_client(args.warmup_requests, level, args.quick)
+                if n:
                     async with senders.open(path, level, args, bias) as send:
-                        w = await phase(path, level, send, prompts, args.warmup_requests, 0.0, args.stagger_ms)
+                        w = await phase(path, level, send, prompts, n, 0.0, args.stagger_ms)
                     warmup.append(w)
                     print(f"warm-up {path:<14} c={level:<3} {w['requests']} requests, void {w['void']}", flush=True)
         for rep in range(args.repeats):
@@ -360,7 +363,8 @@ def phase_settings(args: argparse.Namespace, min_s: float) -> dict[str, Any]:
     return {"levels": args.levels, "max_tokens": args.max_tokens, "paths": args.paths,
             "repeats": args.repeats, "requests_per_client": args.requests_per_client,
             "min_phase_s": min_s, "phase": PhaseBudget(args.requests_per_client, min_s).describe(),
-            "warmup_requests_per_client": args.warmup_requests, "stagger_ms": args.stagger_ms,
+            "warmup_requests_per_client": {str(n): warmup_per_client(args.warmup_requests, n, args.quick)
+                                           for n in args.levels}, "stagger_ms": args.stagger_ms,
             "connect_retries": CONNECT_RETRIES,
             **({"engine_config": args.engine_config} if hasattr(args, "engine_config") else {}),
             "order": "warm-up of every path at every level; then per repetition, per level, every path "

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests import bench_features, bench_http  # noqa: E402
-from loadtests.common import FreshPrompts, PhaseBudget, send_streaming, spread  # noqa: E402
+from loadtests.common import FreshPrompts, PhaseBudget, send_streaming, spread, warmup_per_client  # noqa: E402
 from loadtests.json_subset import validate  # noqa: E402
 
 DROP = ("MLX_SERVING_CACHE", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
@@ -113,7 +113,8 @@ def test_bench_http_quick(home: Path, tmp_path: Path) -> None:
     assert len(phases) == s["repeats"] * len(s["levels"]) * len(s["paths"])
     assert doc["void_phases"] == sum(p["void"] for p in phases) == 0, [p["error_list"] for p in phases if p["void"]]
     for p in phases + doc["warmup"]:
-        assert p["requests"] >= p["concurrency"] * (s["requests_per_client"] if "repetition" in p else 2)
+        warm = s["warmup_requests_per_client"][str(p["concurrency"])]
+        assert p["requests"] >= p["concurrency"] * (s["requests_per_client"] if "repetition" in p else warm)
         assert p["tokens"] == p["requests"] * s["max_tokens"] > 0 and p["short_requests"] == p["errors"] == 0
     assert len(doc["warmup"]) == len(s["levels"]) * len(s["paths"])
     assert_fresh([p["prompts"] for p in phases + doc["warmup"]])
@@ -209,6 +210,14 @@ def test_phase_budget_needs_count_and_time_and_stops_at_three_times(monkeypatch:
     assert not b.more(0)  # 3x the time: stop whatever happens
     cpu = PhaseBudget(per_client=3)
     assert cpu.more(2) and not cpu.more(3)
+
+
+def test_warmup_on_a_gpu_sends_64_requests_a_level_and_2_per_client_at_least(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loadtests.common.on_gpu", lambda: True)
+    assert [warmup_per_client(None, n, quick=False) for n in (1, 8, 32, 64)] == [64, 8, 2, 2]
+    assert warmup_per_client(None, 1, quick=True) == 2 and warmup_per_client(5, 1, quick=False) == 5
+    monkeypatch.setattr("loadtests.common.on_gpu", lambda: False)
+    assert warmup_per_client(None, 1, quick=False) == 2 and warmup_per_client(0, 1, quick=False) == 0
 
 
 def test_fresh_prompts_never_repeat_and_each_phase_starts_a_cycle() -> None:
