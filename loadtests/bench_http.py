@@ -14,8 +14,9 @@ old (20 s on a GPU; never past 3x that). Client k starts k x ``--stagger-ms`` af
 refused connect is retried (nothing was sent), so no listen backlog counts as a failure.
 
 Statistics (docs/benchmarks.md): every path gets the same warm-up (``--warmup-requests`` per client at
-every level; by default 2, and on a GPU at least 64 requests per level); then ``--repeats`` repetitions, each running every path at every level (one phase at a
-time, the order of the paths rotating), each phase with prompts no other phase had. A phase in which
+every level; by default 2, and on a GPU at least 64 requests per level); then ``--repeats``
+repetitions, each running every path at every level (one phase at a time, the order of the paths
+rotating), each phase with prompts no other phase had. A phase in which
 a request fails after connecting (HTTP error, broken stream, short output) is void: it is kept with
 its errors, and its repetition gives no ratio involving it. Aggregate tokens/s = generated tokens /
 wall time of the phase; TTFT is measured to the first content chunk. Each phase also records the CPU

@@ -187,9 +187,9 @@ GPU_WARMUP_REQUESTS = 64  # a level's warm-up on a GPU sends at least this many 
 
 def warmup_per_client(given: int | None, level: int, quick: bool) -> int:
     """Warm-up requests per client at ``level``: ``given``, else 2, and on a GPU enough for
-    ``GPU_WARMUP_REQUESTS`` in all. Each new prompt length is a new shape there, and an H200 run whose
-    lone client warmed up on 2 requests had TTFTs 5 times the later ones in its first two
-    repetitions, on every path (docs/bench/http_gpu_h200_c1.json of 2026-11-30 11:45)."""
+    ``GPU_WARMUP_REQUESTS`` in all. Each new prompt length is a new shape there: an H200 run whose
+    lone client warmed up on 2 requests had TTFTs several times the later ones in its first two
+    repetitions, on every path (docs/bench/http_gpu_h200_c1_warmup2.json)."""
     if given is not None:
         return given
     return 2 if quick or not on_gpu() else max(2, -(-GPU_WARMUP_REQUESTS // level))
