@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make ``loadtests`` importable
 
 from loadtests.common import (  # noqa: E402
     blas_description, ensure_model, machine_info, make_prompts, model_description, percentile,
-    print_table, reexec_with_openblas, write_json, spread,
+    print_table, reexec_with_openblas, spread, warmup_per_client, write_json,
 )
 
 PATHS = ("engine", "batchgen", "sequential")
@@ -302,10 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     bias = {int(t): -100.0 for t in eos_ids}
     # Every timed request of a path gets a prompt no earlier request of that path had (one block of
     # prompts per level and repetition), and engine and BatchGenerator get the same blocks; the
-    # sequential path takes the first level's first block. So no path can reuse an earlier prompt.
-    warm_level = max(args.levels)
+    # sequential path gets blocks of its own. So no path can reuse an earlier prompt.
+    # The warm-up follows the rules (loadtests/README.md): every path, at every level, full-length
+    # requests on prompts no timed phase has, ``warmup_per_client`` of them per client (on a GPU at
+    # least 64 a level: each new prompt length is a new shape for MLX's CUDA kernels, and each path
+    # decodes on its own stream); the sequential path as one client.
+    warm_blocks: dict[int, tuple[int, int]] = {}
+    nxt = 0
+    for level in args.levels:
+        warm_blocks[level] = (nxt, nxt + level * warmup_per_client(None, level, args.quick))
+        nxt = warm_blocks[level][1]
+    seq_warm = (nxt, nxt + warmup_per_client(None, 1, args.quick))
+    nxt = seq_warm[1]
     blocks: dict[tuple[int, int], tuple[int, int]] = {}
-    nxt = warm_level
     for level in args.levels:
         for rep in range(args.repeat):
             blocks[level, rep] = (nxt, nxt + requests_for(level, args))
@@ -319,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     def work(block: tuple[int, int]) -> list[tuple[int, list[int]]]:
         return [(i, prompts[i]) for i in range(*block)]
 
-    warm = work((0, warm_level))
     settings = {
         "max_tokens": args.max_tokens,
         "concurrency": args.levels,
@@ -338,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         "prefill_step_size": cfg.prefill_step_size,
         "admission_window_ms": cfg.admission_window_ms,
         "closed_loop": "each of N consumers sends its next request when its previous one finishes",
-        "warmup": f"each path runs {warm_level} requests of 8 tokens (sequential: 1 request) before timing",
+        "warmup": "before timing, engine and BatchGenerator run the same fresh full-length requests at every "
+                  "level, the sequential path its own as one client",
+        "warmup_requests": {"sequential": seq_warm[1] - seq_warm[0],
+                            **{str(level): b - a for level, (a, b) in warm_blocks.items()}},
         "repeat": args.repeat,
         "order": "per repetition: sequential, then per level BatchGenerator and engine back to back (their "
                  "order alternating between repetitions); ratios per repetition, median with min-max",
@@ -370,16 +381,20 @@ def main(argv: list[str] | None = None) -> int:
     # BatchGenerator on the main thread with a stream made here, (a) the engine on its own GPU
     # thread: one runs while the others are idle, interleaved per repetition so that all see the
     # same machine (others may share it). Every path is warmed up alike first.
+    t0 = time.perf_counter()
     if "sequential" in args.paths:
-        run_sequential(model, tokenizer, warm[:1], 8, bias)  # warm-up
+        run_sequential(model, tokenizer, work(seq_warm), args.max_tokens, bias)
     bare = eng = None
     if "batchgen" in args.paths:
         bare = BareBatch(model, eos_ids, bias, cfg)
-        bare.run(warm, warm_level, 8)  # warm-up
+        for level, block in warm_blocks.items():
+            bare.run(work(block), level, args.max_tokens)
     if "engine" in args.paths:
         eng = EngineRunner(path, cfg)
         print(f"  engine: model loaded and warmed up by the engine in {eng.load_s:.1f}s", flush=True)
-        eng.run(warm, warm_level, 8, bias)  # warm-up
+        for level, block in warm_blocks.items():
+            eng.run(work(block), level, args.max_tokens, bias)
+    print(f"  warm-up: {settings['warmup_requests']} requests, {time.perf_counter() - t0:.1f}s", flush=True)
     try:
         for rep in range(args.repeat):
             if "sequential" in args.paths:

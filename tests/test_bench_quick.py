@@ -98,6 +98,7 @@ def test_bench_engine_quick(home: Path, tmp_path: Path) -> None:
             assert r["generated_tokens"] == r["requests"] * s["max_tokens"] > 0
             assert r["tokens_per_request"] == [s["max_tokens"]]
     assert set(doc["targets"]) == {"engine_c1_vs_sequential"}  # --quick runs c=1,4: only the c=1 target applies
+    assert s["warmup_requests"] == {"sequential": 2, **{str(c): 2 * c for c in levels}}  # 2 per client, every level
     t = doc["targets"]["engine_c1_vs_sequential"]
     assert t["target"] == 0.95 and t["value"] == doc["ratios"]["engine_c1_vs_sequential"]
     assert t["met"] == (t["value"] >= 0.95)
