@@ -351,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_requests": {"sequential": seq_warm[1] - seq_warm[0],
                             **{str(level): b - a for level, (a, b) in warm_blocks.items()}},
         "repeat": args.repeat,
-        "order": "per repetition: sequential, then per level BatchGenerator and engine back to back (their "
-                 "order alternating between repetitions); ratios per repetition, median with min-max",
+        "order": "per repetition: sequential, then per level BatchGenerator and engine back to back; in odd "
+                 "repetitions the reverse (engine, BatchGenerator, then sequential); ratios per repetition, "
+                 "median with min-max",
         "paths": args.paths,
         "quick": args.quick,
         "blas": blas,
@@ -395,11 +396,16 @@ def main(argv: list[str] | None = None) -> int:
         for level, block in warm_blocks.items():
             eng.run(work(block), level, args.max_tokens, bias)
     print(f"  warm-up: {settings['warmup_requests']} requests, {time.perf_counter() - t0:.1f}s", flush=True)
+
+    def sequential_phase(rep: int) -> None:
+        if "sequential" in args.paths:
+            measure("sequential", None,
+                    lambda: run_sequential(model, tokenizer, work(seq_blocks[rep]), args.max_tokens, bias))
+
     try:
         for rep in range(args.repeat):
-            if "sequential" in args.paths:
-                measure("sequential", None,
-                        lambda: run_sequential(model, tokenizer, work(seq_blocks[rep]), args.max_tokens, bias))
+            if rep % 2 == 0:
+                sequential_phase(rep)
             for level in args.levels:
                 block = work(blocks[level, rep])
                 order = (bare and "batchgen", eng and "engine")
@@ -408,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                         measure("batchgen", level, lambda: bare.run(block, level, args.max_tokens))
                     elif name == "engine":
                         measure("engine", level, lambda: eng.run(block, level, args.max_tokens, bias))
+            if rep % 2 == 1:  # last in odd repetitions: a drift over the run favours no path
+                sequential_phase(rep)
     finally:
         if bare is not None:
             bare.close()
