@@ -66,10 +66,25 @@ class DeliveryTiming:
         u.tpot_s = (now - first) / (u.completion_tokens - 1) if u.completion_tokens > 1 else None
 
 
+def low_priority_note(niceness: int) -> str | None:
+    """Why a replica below normal priority is slow, and the fix. Ray starts workers at nice 15 unless
+    ``RAY_worker_niceness`` says otherwise, and such a replica's GPU thread waits behind every normal
+    process on its host; nodes that mlx-serving starts set 0 (``cluster.nodes.node_env``)."""
+    if niceness <= 0:
+        return None
+    return (f"this model replica runs at niceness {niceness}: every normal-priority process on this host gets the "
+            "CPU before its decoding does. Ray starts its workers at 15 unless RAY_worker_niceness is set; nodes "
+            "started by mlx-serving set RAY_worker_niceness=0. Start this node the same way "
+            "(RAY_worker_niceness=0 ray start ...).")
+
+
 class ModelReplica:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ModelDeploymentConfig.model_validate(config)
         events.setup("replica")
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        if (note := low_priority_note(niceness)) is not None:
+            log.warning(note)
         self.observer = RayMetricsObserver()  # engine metrics through Ray (deployments.metrics)
         engine_config = self.config.engine_config()
         self.ranks: sharding.ShardRanks | None = None
@@ -102,7 +117,7 @@ class ModelReplica:
         self.engine.on_death(self._engine_died)
         if self.ranks is not None:
             self.ranks.watch(self._rank_lost)
-        events.replica_started(self.config.name, time.monotonic() - t0, source=str(source))
+        events.replica_started(self.config.name, time.monotonic() - t0, source=str(source), niceness=niceness)
 
     def _engine_died(self, exc: BaseException) -> None:
         self._exit(f"GPU thread died: {type(exc).__name__}: {exc}; the replica exits")

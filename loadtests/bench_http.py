@@ -50,7 +50,7 @@ if __package__ in (None, ""):
 
 from loadtests.common import (  # noqa: E402
     CONNECT_RETRIES, FreshPrompts, PhaseBudget, default_min_phase_s, ensure_model, machine_info, percentile,
-    print_spread, print_table, reexec_with_openblas, send_streaming, spread, stagger, stop_local_serve,
+    print_spread, print_table, reexec_with_openblas, send_streaming, spread, stagger, start_local_serve, stop_local_serve,
     warmup_per_client, write_json,
 )
 from loadtests.proc_cpu import PhaseCpu, busiest  # noqa: E402
@@ -410,16 +410,12 @@ def wait_http(url: str, timeout_s: float) -> None:
 
 def start_serve(model_dir: Path, args: argparse.Namespace) -> str:
     """A local Ray cluster and the Serve app; the caller stops them (``stop_local_serve``)."""
-    import ray
     from ray import serve
 
     from deployments.app import build_app
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k in ("LD_PRELOAD", "HF_HUB_OFFLINE")}
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {**env, "MLX_SERVING_LOG_LEVEL": "WARNING"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    start_local_serve(port)
     serve.run(build_app({"models": [{
         "name": "bench", "source": str(model_dir), "num_cpus": 0, "max_ongoing_requests": 256,
         "engine": {"max_batch_size": max(32, *args.levels), **args.engine_config}}]}), name="bench", route_prefix="/")

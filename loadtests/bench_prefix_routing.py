@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make ``loadtests`` importable
 
 from loadtests.common import (  # noqa: E402
     corpus_sentences, ensure_model, machine_info, percentile, print_spread, reexec_with_openblas, spread,
-    stop_local_serve, write_json,
+    start_local_serve, stop_local_serve, write_json,
 )
 
 PATHS = {"load": "chat-load", "prefix": "chat-prefix"}
@@ -163,17 +163,13 @@ async def phase(base: str, path: str, args: argparse.Namespace, users: list[list
 
 
 def start_server(model_dir: Path, engine: dict[str, Any]) -> str:
-    import ray
     from ray import serve
 
     from deployments.app import build_app
     from loadtests.bench_http import free_port, wait_http
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k in ("LD_PRELOAD", "HF_HUB_OFFLINE")}
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {**env, "MLX_SERVING_LOG_LEVEL": "WARNING"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    start_local_serve(port)
     models = [{"name": name, "source": str(model_dir), "num_cpus": 0, "num_replicas": 2, "routing": routing,
                "engine": engine} for routing, name in PATHS.items()]
     serve.run(build_app({"models": models}), name="bench", route_prefix="/")

@@ -44,7 +44,7 @@ if __package__ in (None, ""):
 
 from loadtests.common import (  # noqa: E402
     corpus_sentences, ensure_model, machine_info, make_prompts, percentile, print_spread,
-    reexec_with_openblas, spread, stop_local_serve, write_json,
+    reexec_with_openblas, spread, start_local_serve, stop_local_serve, write_json,
 )
 
 TARGETS = {"interactive_ttft_p50_loaded_vs_idle": ("<=", 1.5), "batch_tokens_loaded_vs_alone": (">=", 0.8)}
@@ -276,17 +276,13 @@ def ratios_of(rep: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 
 
 def start_server(model_dir: Path, args: argparse.Namespace) -> str:
-    import ray
     from ray import serve
 
     from deployments.app import build_app
     from loadtests.bench_http import free_port, wait_http
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k in ("LD_PRELOAD", "HF_HUB_OFFLINE")}
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {**env, "MLX_SERVING_LOG_LEVEL": "WARNING"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    start_local_serve(port)
     serve.run(build_app({"models": [{
         "name": "bench", "source": str(model_dir), "num_cpus": 0, "num_gpus": args.num_gpus,
         "max_ongoing_requests": args.slots, "engine": {"max_batch_size": args.slots}}]}), name="bench",

@@ -161,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine import blas
     from engine.demo import make_demo_model
+    from loadtests.common import serving_priority
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     model_dir = str(make_demo_model(tmp / "tiny", "tiny"))
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **blas.preload_env()}
     if os.environ.get("PYTHONPATH"):
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    serving_priority()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.num_cpus, "include_dashboard": False})
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, logging_level="ERROR")
     with socket.socket() as s:

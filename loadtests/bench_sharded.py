@@ -55,7 +55,7 @@ if __package__ in (None, ""):  # run as a script: make ``loadtests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtests.common import (  # noqa: E402
-    FreshPrompts, default_min_phase_s, ensure_model, machine_info, reexec_with_openblas, write_json,
+    FreshPrompts, default_min_phase_s, ensure_model, machine_info, reexec_with_openblas, serving_priority, write_json,
 )
 
 PATHS = ("single", "sharded", "mlx_lm_launch")
@@ -220,6 +220,7 @@ class SimulatedHosts:
             return {"num_cpus": 2, "labels": {"host": name}, "resources": {f"host:{name}": 1000},
                     "node_ip_address": "127.0.0.1"}
 
+        serving_priority()
         with pinned(self.cpus and self.cpus[0]):  # a node's processes and every worker it starts inherit them
             self.cluster = Cluster(initialize_head=True,
                                    head_node_args={**node_args(hosts[0]), "include_dashboard": False})

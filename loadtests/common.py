@@ -280,6 +280,27 @@ def print_spread(summary: dict[str, dict[str, Any]], digits: int = 1) -> str:
                        [(k, *(fmt(v[x], digits) for x in ("median", "min", "max")), v["n"]) for k, v in summary.items()])
 
 
+def serving_priority() -> None:
+    """Ray processes this benchmark starts run their workers as mlx-serving's own nodes do: at normal
+    priority, not at Ray's nice 15 (``cluster.nodes.NICENESS_ENV``). Call before starting Ray."""
+    from cluster.nodes import NICENESS_ENV
+
+    os.environ.setdefault(NICENESS_ENV, "0")
+
+
+def start_local_serve(port: int) -> None:
+    """A one-machine Ray cluster and Serve's proxy on 127.0.0.1:``port``; stopped by ``stop_local_serve``.
+    Workers get the preloaded BLAS and the offline hub setting, and log warnings only."""
+    import ray
+    from ray import serve
+
+    serving_priority()
+    env = {k: v for k, v in os.environ.items() if k in ("LD_PRELOAD", "HF_HUB_OFFLINE")}
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False, runtime_env={"env_vars": {**env, "MLX_SERVING_LOG_LEVEL": "WARNING"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+
+
 def stop_local_serve() -> None:
     """Shut down the Serve app and the local Ray a benchmark started."""
     import ray

@@ -48,7 +48,7 @@ def test_plist_runs_the_workers_ray_start_block_with_its_labels_token_file_and_k
         RAY, "start", "--address=10.0.0.10:6380", "--labels=host=mac-mini-1,tier=small",
         '--resources={"host:mac-mini-1":1000}', f"--memory={MEMORY_MINI}", "--disable-usage-stats", "--block"]
     assert p["EnvironmentVariables"] == {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "token",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0",
         "RAY_AUTH_TOKEN_PATH": "/Users/mlx/.ray/auth_token",  # the file install-agents copies: no secret here
         "PATH": "/Users/mlx/mlx-serving/.venv/bin:/usr/bin:/bin:/usr/sbin:/sbin"}
     assert p["RunAtLoad"] is True

@@ -172,12 +172,12 @@ def test_serve_builds_a_one_model_config_that_pins_where_asked() -> None:
 def test_cluster_up_prints_the_exact_commands_for_every_mac(isolated_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cluster", "up", "--inventory", str(EXAMPLE), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    head = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token ray start --head --port=6379 "
+    head = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token RAY_worker_niceness=0 ray start --head --port=6379 "
             "--dashboard-host=127.0.0.1 --dashboard-port=8265 --node-ip-address=10.0.0.10 "
             "--labels=host=mac-studio-1,tier=large --resources='{\"host:mac-studio-1\":1000}' "
             f"--memory={int((192 * 0.75 - 8) * 2**30)} --disable-usage-stats")
     assert head in out
-    worker = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token ray start --address=10.0.0.10:6379 "
+    worker = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token RAY_worker_niceness=0 ray start --address=10.0.0.10:6379 "
               "--labels=host=mac-mini-1,tier=small --resources='{\"host:mac-mini-1\":1000}' "
               f"--memory={48 * 2**30} --disable-usage-stats")
     assert worker in out and worker.replace("mac-mini-1", "mac-mini-2") in out
@@ -188,7 +188,7 @@ def test_cluster_up_prints_the_exact_commands_for_every_mac(isolated_cache: Path
     assert "token authentication on" in out
     assert "ssh mlx@mac-mini-2.local 'mkdir -p ~/.ray && umask 077 && cat > ~/.ray/auth_token' <" in out
     line = next(x for x in out.splitlines() if x.startswith("ssh -o BatchMode=yes") and "mac-mini-2.local" in x)
-    assert "nohup env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token /opt/mlx/bin/ray start" in line
+    assert "nohup env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token RAY_worker_niceness=0 /opt/mlx/bin/ray start" in line
     assert "--block > ~/.mlx-serving/ray-node.log 2>&1 < /dev/null & echo $!" in line
     # A fleet head is reachable from the LAN by design: no auth-less fleet, with the reason.
     assert main(["cluster", "up", "--inventory", str(EXAMPLE), "--dry-run", "--auth", "disabled"]) == 1
@@ -201,12 +201,24 @@ def test_cluster_up_prints_the_exact_commands_for_every_mac(isolated_cache: Path
     assert not nodes.state_file().exists()
 
 
+def test_nodes_run_their_workers_at_normal_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments.replica import low_priority_note
+
+    monkeypatch.delenv(nodes.NICENESS_ENV, raising=False)
+    assert nodes.node_env("token")[nodes.NICENESS_ENV] == "0"
+    monkeypatch.setenv(nodes.NICENESS_ENV, "5")  # the user's own choice is kept
+    assert nodes.node_env("token", loopback=True)[nodes.NICENESS_ENV] == "5"
+    assert low_priority_note(0) is None and low_priority_note(-2) is None
+    assert "niceness 15" in (low_priority_note(15) or "") and "RAY_worker_niceness=0" in (low_priority_note(15) or "")
+
+
 def test_simulated_hosts_use_loopback_only(isolated_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cluster", "up", "--simulate", "3", "--port", "6400", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
     # Ray keeps a loopback node address only with its multi-node switch off; workers join through our module.
-    assert all(x.startswith("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token ") for x in lines)
+    assert all(x.startswith("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_worker_niceness=0 ")
+               for x in lines)
     assert all("--node-ip-address=127.0.0.1" in x for x in lines)
     assert "ray start --head --port=6400" in lines[0]
     assert all(" -m cluster.nodes ray start --address=127.0.0.1:6400 " in x for x in lines[1:])
@@ -273,6 +285,16 @@ def test_cluster_up_simulate_3_then_down_stops_exactly_those_nodes(ray_cluster: 
                               env={**env, **state.client_env()}, cwd=REPO)
         assert json.loads(seen.stdout.strip().splitlines()[-1]) == [
             ["sim-1", "127.0.0.1"], ["sim-2", "127.0.0.1"], ["sim-3", "127.0.0.1"]], seen.stderr
+        # Every node's workers run at normal priority, not at Ray's default nice 15 (nodes.NICENESS_ENV).
+        niceness = ("import os, ray\n"
+                    f"ray.init(address={state.address!r}, logging_level='ERROR')\n"
+                    "@ray.remote(num_cpus=0)\n"
+                    "def niceness():\n"
+                    "    return os.getpriority(os.PRIO_PROCESS, 0)\n"
+                    "print(ray.get([niceness.options(resources={f'host:sim-{i}': 1}).remote() for i in (1, 2, 3)]))")
+        seen = subprocess.run([sys.executable, "-c", niceness], capture_output=True, text=True, timeout=120,
+                              env={**env, **state.client_env()}, cwd=REPO)
+        assert seen.stdout.strip().splitlines()[-1:] == ["[0, 0, 0]"], seen.stdout + seen.stderr
         found = exposure.listeners(exposure.tree_pids(n.pid for n in state.nodes if n.pid))
         beyond, loopback = exposure.split(found)
         assert beyond == [] and any(x.port == port and "gcs_server" in x.process for x in loopback), found
