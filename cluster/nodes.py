@@ -219,8 +219,12 @@ def node_env(auth_mode: AuthMode, loopback: bool = False) -> dict[str, str]:
     """What every fleet node needs in its environment: multi-node on macOS, an explicit auth mode,
     workers at normal priority; for a node of a loopback cluster, Ray's multi-node switch off, so it
     keeps 127.0.0.1."""
-    return {**({OSX_CLUSTER_ENV: "1"} if not loopback else LOOPBACK_ENV), AUTH_MODE_ENV: auth_mode,
-            NICENESS_ENV: os.environ.get(NICENESS_ENV, "0")}
+    return {**({OSX_CLUSTER_ENV: "1"} if not loopback else LOOPBACK_ENV), AUTH_MODE_ENV: auth_mode, **niceness_env()}
+
+
+def niceness_env() -> dict[str, str]:
+    """Ray's workers at normal priority, unless this environment already says otherwise."""
+    return {NICENESS_ENV: os.environ.get(NICENESS_ENV, "0")}
 
 
 def loopback_node_argv(argv: list[str]) -> list[str]:

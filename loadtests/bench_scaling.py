@@ -100,8 +100,7 @@ class LocalNodes:
         from cluster.nodes import NodeRecord
 
         cpus = max(2, (os.cpu_count() or 4) // 2)
-        env = child_env({"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
-                         self.nodes.NICENESS_ENV: os.environ.get(self.nodes.NICENESS_ENV, "0")})
+        env = child_env({"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), **self.nodes.niceness_env()})
         for i, host in enumerate(self.hosts):
             argv = self.nodes.ray_start_argv(
                 host=host, head=i == 0, address=self.address, port=int(self.address.rsplit(":", 1)[1]),

@@ -282,10 +282,10 @@ def print_spread(summary: dict[str, dict[str, Any]], digits: int = 1) -> str:
 
 def serving_priority() -> None:
     """Ray processes this benchmark starts run their workers as mlx-serving's own nodes do: at normal
-    priority, not at Ray's nice 15 (``cluster.nodes.NICENESS_ENV``). Call before starting Ray."""
-    from cluster.nodes import NICENESS_ENV
+    priority, not at Ray's nice 15 (``cluster.nodes.niceness_env``). Call before starting Ray."""
+    from cluster.nodes import niceness_env
 
-    os.environ.setdefault(NICENESS_ENV, "0")
+    os.environ.update(niceness_env())
 
 
 def start_local_serve(port: int) -> None:
