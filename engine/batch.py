@@ -20,7 +20,7 @@ from .structured import GrammarProcessor, MaskPass
 class StepResult:
     uid: int
     token: int
-    logprobs: mx.array
+    logprobs: mx.array | None  # None from the solo lane when nothing reads them (engine.solo)
     finish_reason: str | None  # "stop" (EOS) or "length" from mlx-lm
     cache: list[Any] | None = None  # the finished sequence's KV cache, for the prompt cache
     all_tokens: list[int] | None = None  # the tokens that cache holds

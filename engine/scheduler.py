@@ -504,7 +504,7 @@ class GpuScheduler:
             return True
         self.waker.flush()  # the first token leaves before the next step is even queued
         seq.solo = SoloRun(m.model, cache, seq.prompt, first, max_tokens=p.max_tokens, sampler=seq.sampler,
-                           processors=seq.processors, stream=m.batch.stream)
+                           processors=seq.processors, stream=m.batch.stream, logprobs=p.logprobs)
         m.solo[seq.key] = seq
         self.solo_started += 1
         return True

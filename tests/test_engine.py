@@ -669,7 +669,8 @@ def test_draft_model_greedy_output_is_identical_and_acceptance_is_reported(tiny_
 def test_a_lone_request_decodes_alone_and_joins_the_batch_when_another_comes(tiny_model_dir: Path) -> None:
     """The solo lane (engine.solo): a request with nothing beside it decodes on its own; when a second
     one is admitted it moves into the batch mid-answer. Each says exactly what it says alone (greedy,
-    and seeded sampling with logit_bias and a repetition penalty): no token lost, doubled or changed."""
+    and seeded sampling with logit_bias and a repetition penalty): no token lost, doubled or changed.
+    A greedy answer is the same with and without logprobs."""
     e = Engine(EngineConfig(max_batch_size=4, warmup=False, prompt_cache_gb=0))
 
     async def go() -> None:
@@ -692,6 +693,13 @@ def test_a_lone_request_decodes_alone_and_joins_the_batch_when_another_comes(tin
             assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
         assert [round(x.logprob, 4) for x in together[0].logprobs] == [round(x.logprob, 4) for x in alone[0].logprobs]
         assert together[0].usage.completion_tokens == 120
+
+        # Greedy without logprobs takes the argmax of the raw logits: the same answer, no logprobs.
+        plain = req("tiny", PROMPTS[1], 60, logit_bias=no_eos)
+        bare, scored = await e.complete(plain), await e.complete(req("tiny", PROMPTS[1], 60, logit_bias=no_eos, logprobs=True))
+        assert e._scheduler.solo_started == 5
+        assert bare.token_ids == scored.token_ids and len(bare.token_ids) == 60
+        assert bare.logprobs is None and len(scored.logprobs) == 60
 
         # A solo sequence whose consumer goes away is cancelled once, and its lane is free again.
         before = e._scheduler.cancelled_total
