@@ -28,7 +28,8 @@ class StepResult:
 
 def prefill(model: Any, tokens: list[int], cache: list[Any] | None, stream: Any, step: int) -> list[Any] | None:
     """The KV cache after ``tokens`` (continuing ``cache``, or a new one), in chunks of ``step``; on the
-    batch's stream. None when there is nothing to prefill and no cache to continue."""
+    batch's stream. None when there is nothing to prefill and no cache to continue. Each chunk's
+    activations go back from MLX's buffer cache, as in mlx-lm's own prefill loops."""
     if not tokens:
         return cache
     from mlx_lm.models.cache import make_prompt_cache
@@ -38,6 +39,7 @@ def prefill(model: Any, tokens: list[int], cache: list[Any] | None, stream: Any,
         for i in range(0, len(tokens), step):
             model(mx.array(tokens[i:i + step])[None], cache=cache)
             mx.eval([c.state for c in cache])
+            mx.clear_cache()
     return cache
 
 

@@ -9,7 +9,9 @@ second request arrives, the step in flight is finished and delivered, and the se
 batch with its cache (``hand_over``), like an interactive first token does: no token is lost or
 computed twice, and sampling, logits processors and logprobs are the batch path's. A greedy
 sequence that asked for no logprobs takes the argmax of its logits: no normalisation over the vocabulary
-that nobody reads (``stream_generate`` always pays for it).
+that nobody reads (``stream_generate`` always pays for it). Like ``generate_step``, the lane hands MLX's
+buffer cache back every ``CLEAR_CACHE_EVERY`` tokens (mlx-lm's batch loop does so every 512 steps):
+without it, a long-lived server's cache holds every size of buffer its answers ever needed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 import mlx.core as mx
 
 from .sampling import LogitsProcessor, Sampler
+
+CLEAR_CACHE_EVERY = 256  # tokens, as mlx-lm's generate_step
 
 
 class SoloRun:
@@ -63,6 +67,8 @@ class SoloRun:
         self._pending = self._forward(token) if queue_next else None
         out = int(token.item())
         self.tokens.append(out)
+        if self.generated % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
         return out, None if logprobs is None else logprobs[0]
 
     def cache_tokens(self) -> list[int]:

@@ -721,6 +721,33 @@ def test_a_lone_request_decodes_alone_and_joins_the_batch_when_another_comes(tin
         run(e.shutdown(1))
 
 
+def test_prefill_and_the_solo_lane_hand_mlx_buffers_back_as_mlx_lm_does(tiny_model_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLX's buffer cache goes back after each prefill chunk and every 256 tokens of a lone answer, as
+    in mlx-lm's generate_step; a server that never clears it keeps every buffer size it ever used."""
+    import mlx.core as mx
+
+    from engine.solo import CLEAR_CACHE_EVERY
+
+    e = Engine(EngineConfig(warmup=False, prompt_cache_gb=0))
+    calls: list[int] = []
+    clear = mx.clear_cache
+
+    async def go() -> None:
+        await e.load_model("tiny", str(tiny_model_dir))
+        monkeypatch.setattr(mx, "clear_cache", lambda: (calls.append(len(calls)), clear())[1])
+        no_eos = {next(iter(e._model("tiny").eos_ids)): -100.0}
+        out = await e.complete(req("tiny", PROMPTS[0], 2 * CLEAR_CACHE_EVERY + 10, logit_bias=no_eos))
+        assert out.usage.completion_tokens == 2 * CLEAR_CACHE_EVERY + 10
+        assert e._scheduler.solo_started == 1
+
+    try:
+        run(go())
+    finally:
+        run(e.shutdown(1))
+    assert len(calls) == 1 + 2  # the prompt's one prefill chunk, then tokens 256 and 512
+
+
 def test_switch_interval_is_set_while_the_gpu_thread_runs_and_restored_after(tiny_model_dir: Path) -> None:
     before = sys.getswitchinterval()
     e = Engine(EngineConfig(warmup=False, switch_interval_ms=0.5))
