@@ -49,13 +49,12 @@ class SoloRun:
                 self._context = mx.concatenate([self._context, y])
                 for processor in self.processors:
                     logits = processor(self._context, logits)
-            if not self._normalise:
-                token = mx.argmax(logits, axis=-1)
-                mx.async_eval(token)
-                return token, None
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            token = self.sampler(logprobs) if self.sampler is not None else mx.argmax(logprobs, axis=-1)
-        mx.async_eval(token, logprobs)
+            if self._normalise:
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                token = self.sampler(logprobs) if self.sampler is not None else mx.argmax(logprobs, axis=-1)
+            else:
+                logprobs, token = None, mx.argmax(logits, axis=-1)
+        mx.async_eval([token] if logprobs is None else [token, logprobs])
         return token, logprobs
 
     def step(self, queue_next: bool = True) -> tuple[int, mx.array | None]:
