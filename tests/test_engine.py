@@ -695,8 +695,8 @@ def test_a_lone_request_decodes_alone_and_joins_the_batch_when_another_comes(tin
         assert together[0].usage.completion_tokens == 120
 
         # Greedy without logprobs takes the argmax of the raw logits: the same answer, no logprobs.
-        plain = req("tiny", PROMPTS[1], 60, logit_bias=no_eos)
-        bare, scored = await e.complete(plain), await e.complete(req("tiny", PROMPTS[1], 60, logit_bias=no_eos, logprobs=True))
+        bare = await e.complete(req("tiny", PROMPTS[1], 60, logit_bias=no_eos))
+        scored = await e.complete(req("tiny", PROMPTS[1], 60, logit_bias=no_eos, logprobs=True))
         assert e._scheduler.solo_started == 5
         assert bare.token_ids == scored.token_ids and len(bare.token_ids) == 60
         assert bare.logprobs is None and len(scored.logprobs) == 60
