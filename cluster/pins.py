@@ -99,7 +99,8 @@ def control_plane_overrides(fleet: Fleet) -> list[dict[str, Any]]:
     The HTTP proxy runs on the head; an ingress on another Mac would die with that Mac and drop
     every request in flight, for every model, instead of only those of the Mac's own replicas.
     """
-    pin = {"num_cpus": 0, "label_selector": {"host": fleet.head}}
+    env = fleet.app.get("env_vars")  # an override replaces the code's ray_actor_options: keep the app's environment
+    pin = {"num_cpus": 0, "label_selector": {"host": fleet.head}, **({"runtime_env": {"env_vars": env}} if env else {})}
     out = [{"name": "ingress", "ray_actor_options": dict(pin)}]
     if fleet.app.get("routes") or fleet.app.get("router"):
         out.append({"name": "router", "ray_actor_options": dict(pin)})

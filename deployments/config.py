@@ -348,6 +348,10 @@ class AppConfig(BaseModel):
                           "[...]}}]`, the form `serve deploy` updates in place).")
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Environment of the ingress and router replicas (their Ray runtime_env), e.g. "
+                                          "Serve's own settings such as RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD; a "
+                                          "model's replicas take theirs from the model's `env_vars`.")
     ingress_replicas: int = Field(1, ge=1)
     ingress_max_replicas_per_node: int | None = Field(
         None, ge=1, description="With `proxy_location: EveryNode`, `ingress_replicas` = the number of Macs and 1 here "
@@ -372,3 +376,7 @@ class AppConfig(BaseModel):
     @property
     def with_router(self) -> bool:
         return bool(self.routes) if self.router is None else self.router
+
+    def actor_options(self) -> dict[str, Any]:
+        """The ingress's and the router's ``ray_actor_options``: they relay, so they reserve no CPU."""
+        return {"num_cpus": 0, **({"runtime_env": {"env_vars": dict(self.env_vars)}} if self.env_vars else {})}

@@ -5,7 +5,10 @@ Same run, same model, three paths, all started once and kept up for the whole ru
   engine          the in-process ``Engine`` (the ceiling for the HTTP path);
   http            ``POST /v1/completions`` with ``stream: true`` through the Serve ingress and a
                   model replica (a local Ray cluster started by this script);
-  mlx_lm_server   ``mlx_lm.server`` started on the same model, same streaming requests.
+  mlx_lm_server   ``mlx_lm.server`` started on the same model, same streaming requests;
+  http_inline     (only when asked for) ``http`` through a second app in the same cluster whose
+                  ingress and replica run their code on Serve's own event loop
+                  (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``): ``http_inline_vs_http_cN``.
 
 Every request is greedy and generates exactly ``--max-tokens`` tokens (EOS gets a logit bias of
 -100 in all three paths). Clients run closed loops: each sends its next request when the previous
@@ -56,7 +59,9 @@ from loadtests.common import (  # noqa: E402
 from loadtests.proc_cpu import PhaseCpu, busiest  # noqa: E402
 
 TARGETS = {"http_vs_engine_c1": 0.9, "http_vs_engine_c32": 0.8, "http_vs_mlx_lm_server_c32": 1.0}
-PATHS = ("engine", "http", "mlx_lm_server")
+PATHS = ("engine", "http", "mlx_lm_server", "http_inline")
+DEFAULT_PATHS = PATHS[:3]
+SERVE_INLINE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 ERRORS_KEPT = 5  # per phase, in the JSON
 
 
@@ -77,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="warm-up requests per client at every level, for every path (default 2; on a GPU at "
                         "least 64 per level in all)")
     p.add_argument("--stagger-ms", type=float, default=20.0, help="client k of a phase starts k x this later (20)")
-    p.add_argument("--paths", default=",".join(PATHS))
+    p.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"any of {','.join(PATHS)}")
     p.add_argument("--engine-config", type=json.loads, default={},
                    help="JSON merged into the engine config of the engine and http paths, e.g. '{\"switch_interval_ms\": 1}'")
     p.add_argument("--json", help="write results as JSON here")
@@ -327,6 +332,8 @@ def ratios_per_repetition(phases: list[dict[str, Any]], args: argparse.Namespace
                 r[f"http_vs_engine_c{level}"] = div(tps("http", level), tps("engine", level))
             if {"http", "mlx_lm_server"} <= set(args.paths):
                 r[f"http_vs_mlx_lm_server_c{level}"] = div(tps("http", level), tps("mlx_lm_server", level))
+            if {"http", "http_inline"} <= set(args.paths):
+                r[f"http_inline_vs_http_c{level}"] = div(tps("http_inline", level), tps("http", level))
         out.append(r)
     return out
 
@@ -408,20 +415,27 @@ def wait_http(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s}s")
 
 
-def start_serve(model_dir: Path, args: argparse.Namespace) -> str:
-    """A local Ray cluster and the Serve app; the caller stops them (``stop_local_serve``)."""
+def start_serve(model_dir: Path, args: argparse.Namespace) -> dict[str, str]:
+    """A local Ray cluster and the Serve app (and the ``http_inline`` one at ``/inline``), each path's
+    base URL; the caller stops them (``stop_local_serve``)."""
     from ray import serve
 
     from deployments.app import build_app
 
     port = free_port()
     start_local_serve(port)
-    serve.run(build_app({"models": [{
-        "name": "bench", "source": str(model_dir), "num_cpus": 0, "max_ongoing_requests": 256,
-        "engine": {"max_batch_size": max(32, *args.levels), **args.engine_config}}]}), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    wait_http(base + "/ready", 300)
-    return base
+    apps = {"http": ("bench", "/", {})}
+    if "http_inline" in args.paths:
+        apps["http_inline"] = ("bench-inline", "/inline", SERVE_INLINE_ENV)
+    for name, prefix, env in apps.values():
+        serve.run(build_app({"env_vars": env, "models": [{
+            "name": "bench", "source": str(model_dir), "num_cpus": 0, "max_ongoing_requests": 256, "env_vars": env,
+            "engine": {"max_batch_size": max(32, *args.levels), **args.engine_config}}]}), name=name, route_prefix=prefix)
+    bases = {path: base + prefix.rstrip("/") for path, (_, prefix, _) in apps.items()}
+    for b in bases.values():
+        wait_http(b + "/ready", 300)
+    return bases
 
 
 def start_mlx_lm_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
@@ -448,9 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     ray_up = False
     try:  # both servers start once and stay up; only the phases interleave
-        if "http" in args.paths:
+        if {"http", "http_inline"} & set(args.paths):
             ray_up = True
-            bases["http"] = (start_serve(model_dir, args), "bench")
+            bases.update((path, (base, "bench")) for path, base in start_serve(model_dir, args).items())
         if "mlx_lm_server" in args.paths:
             server, base = start_mlx_lm_server(model_dir)
             bases["mlx_lm_server"] = (base, str(model_dir))

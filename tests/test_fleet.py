@@ -88,6 +88,21 @@ def test_ingress_spreads_one_per_node_when_asked() -> None:
         AppConfig.model_validate({"models": models, "ingress_max_replicas_per_node": 0})
 
 
+def test_app_env_vars_reach_the_ingress_and_the_router() -> None:
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    app = build_app({"models": [{"name": "m", "source": "demo:tiny"}], "routes": [
+        {"name": "r", "variants": [{"name": "v", "deployment": "m", "weight": 1}]}], "env_vars": env})._bound_deployment
+    router = app._replica_config.init_args[2]._bound_deployment
+    for d in (app, router):
+        assert d._replica_config.ray_actor_options["runtime_env"] == {"env_vars": env}, d.name
+        assert d._replica_config.ray_actor_options["num_cpus"] == 0
+    plain = build_app({"models": [{"name": "m", "source": "demo:tiny"}]})._bound_deployment
+    assert "runtime_env" not in plain._replica_config.ray_actor_options
+    fleet = parse_fleet({"head": "a", "hosts": [host("a")], "app": {"env_vars": env},
+                         "models": [{"name": "x", "source": "org/x", "footprint_gb": 1}]})
+    assert [o["ray_actor_options"].get("runtime_env") for o in pins.control_plane_overrides(fleet)] == [{"env_vars": env}]
+
+
 def test_plan_becomes_exact_pins_with_failover(tmp_path: Path) -> None:
     fleet = parse_fleet({
         "head": "big", "default_kv_cache_gb": 0,
