@@ -19,7 +19,6 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from engine.errors import EngineError, EngineFailureError
 from engine.request import GenerationChunk
 
-from .. import logging as events
 from ..messages import RemoteError, ReplicaError
 from .errors import RETRY_AFTER_S, as_replica_error
 
