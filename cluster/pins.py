@@ -24,6 +24,8 @@ import math
 from collections import Counter
 from typing import Any
 
+from deployments.config import relay_actor_options
+
 from .inventory import GB, Fleet, ModelPlacementSpec
 from .placement import Assignment, Plan, model_weight_bytes, shard_config
 
@@ -99,8 +101,8 @@ def control_plane_overrides(fleet: Fleet) -> list[dict[str, Any]]:
     The HTTP proxy runs on the head; an ingress on another Mac would die with that Mac and drop
     every request in flight, for every model, instead of only those of the Mac's own replicas.
     """
-    env = fleet.app.get("env_vars")  # an override replaces the code's ray_actor_options: keep the app's environment
-    pin = {"num_cpus": 0, "label_selector": {"host": fleet.head}, **({"runtime_env": {"env_vars": env}} if env else {})}
+    # An override replaces the code's ray_actor_options: it keeps the app's env_vars itself.
+    pin = {**relay_actor_options(fleet.app.get("env_vars") or {}), "label_selector": {"host": fleet.head}}
     out = [{"name": "ingress", "ray_actor_options": dict(pin)}]
     if fleet.app.get("routes") or fleet.app.get("router"):
         out.append({"name": "router", "ray_actor_options": dict(pin)})

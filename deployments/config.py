@@ -378,5 +378,9 @@ class AppConfig(BaseModel):
         return bool(self.routes) if self.router is None else self.router
 
     def actor_options(self) -> dict[str, Any]:
-        """The ingress's and the router's ``ray_actor_options``: they relay, so they reserve no CPU."""
-        return {"num_cpus": 0, **({"runtime_env": {"env_vars": dict(self.env_vars)}} if self.env_vars else {})}
+        return relay_actor_options(self.env_vars)
+
+
+def relay_actor_options(env_vars: dict[str, str]) -> dict[str, Any]:
+    """The ingress's and the router's ``ray_actor_options``: they relay, so they reserve no CPU."""
+    return {"num_cpus": 0, **({"runtime_env": {"env_vars": dict(env_vars)}} if env_vars else {})}
