@@ -11,7 +11,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from .config import INGRESS_DEPLOYMENT, AppConfig, IngressSettings
+from .config import INGRESS_DEPLOYMENT, AppConfig, IngressSettings, relay_actor_options
 from .ingress import Ingress
 from .replica import replica_deployment
 from .router import router_deployment
@@ -32,14 +32,14 @@ def build_app(args: dict[str, Any]) -> Application:
     router = None
     if config.with_router:
         routes = {"routes": [r.model_dump(mode="json") for r in config.routes]}
-        router = router_deployment().options(user_config=routes, ray_actor_options=config.actor_options()).bind(
-            [m.name for m in config.models])
+        router = router_deployment().options(
+            user_config=routes, ray_actor_options=relay_actor_options(config.env_vars)).bind([m.name for m in config.models])
     spread = {"max_replicas_per_node": config.ingress_max_replicas_per_node} if config.ingress_max_replicas_per_node else {}
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_DEPLOYMENT,
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=4096,  # it relays; its admission gates (deployments/qos) hold what replicas cannot take
-        ray_actor_options=config.actor_options(),
+        ray_actor_options=relay_actor_options(config.env_vars),
         # Keys live in the ingress's user_config (`mlx-serving up` moves them there, as hashes): a key
         # change then reconfigures the ingress alone. `args.auth` is its default.
         user_config=IngressSettings(auth=config.auth).model_dump(mode="json"),

@@ -377,9 +377,6 @@ class AppConfig(BaseModel):
     def with_router(self) -> bool:
         return bool(self.routes) if self.router is None else self.router
 
-    def actor_options(self) -> dict[str, Any]:
-        return relay_actor_options(self.env_vars)
-
 
 def relay_actor_options(env_vars: dict[str, str]) -> dict[str, Any]:
     """The ingress's and the router's ``ray_actor_options``: they relay, so they reserve no CPU."""

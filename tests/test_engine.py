@@ -730,12 +730,17 @@ def test_prefill_and_the_solo_lane_hand_mlx_buffers_back_as_mlx_lm_does(tiny_mod
     from engine.solo import CLEAR_CACHE_EVERY
 
     e = Engine(EngineConfig(warmup=False, prompt_cache_gb=0))
-    calls: list[int] = []
+    calls = 0
     clear = mx.clear_cache
+
+    def counted() -> None:
+        nonlocal calls
+        calls += 1
+        clear()
 
     async def go() -> None:
         await e.load_model("tiny", str(tiny_model_dir))
-        monkeypatch.setattr(mx, "clear_cache", lambda: (calls.append(len(calls)), clear())[1])
+        monkeypatch.setattr(mx, "clear_cache", counted)
         no_eos = {next(iter(e._model("tiny").eos_ids)): -100.0}
         out = await e.complete(req("tiny", PROMPTS[0], 2 * CLEAR_CACHE_EVERY + 10, logit_bias=no_eos))
         assert out.usage.completion_tokens == 2 * CLEAR_CACHE_EVERY + 10
@@ -745,7 +750,7 @@ def test_prefill_and_the_solo_lane_hand_mlx_buffers_back_as_mlx_lm_does(tiny_mod
         run(go())
     finally:
         run(e.shutdown(1))
-    assert len(calls) == 1 + 2  # the prompt's one prefill chunk, then tokens 256 and 512
+    assert calls == 1 + 2  # the prompt's one prefill chunk, then tokens 256 and 512
 
 
 def test_switch_interval_is_set_while_the_gpu_thread_runs_and_restored_after(tiny_model_dir: Path) -> None:
