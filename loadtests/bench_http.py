@@ -6,9 +6,10 @@ Same run, same model, three paths, all started once and kept up for the whole ru
   http            ``POST /v1/completions`` with ``stream: true`` through the Serve ingress and a
                   model replica (a local Ray cluster started by this script);
   mlx_lm_server   ``mlx_lm.server`` started on the same model, same streaming requests;
-  http_inline     (only when asked for) ``http`` through a second app in the same cluster whose
-                  ingress and replica run their code on Serve's own event loop
-                  (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``): ``http_inline_vs_http_cN``.
+  http_variant    (only when asked for) ``http`` through a second app in the same cluster whose
+                  ingress and replica run with ``--variant-env`` set (Serve settings read in those
+                  processes; by default ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``):
+                  ``http_variant_vs_http_cN``.
 
 Every request is greedy and generates exactly ``--max-tokens`` tokens (EOS gets a logit bias of
 -100 in all three paths). Clients run closed loops: each sends its next request when the previous
@@ -59,9 +60,9 @@ from loadtests.common import (  # noqa: E402
 from loadtests.proc_cpu import PhaseCpu, busiest  # noqa: E402
 
 TARGETS = {"http_vs_engine_c1": 0.9, "http_vs_engine_c32": 0.8, "http_vs_mlx_lm_server_c32": 1.0}
-PATHS = ("engine", "http", "mlx_lm_server", "http_inline")
+PATHS = ("engine", "http", "mlx_lm_server", "http_variant")
 DEFAULT_PATHS = PATHS[:3]
-SERVE_INLINE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+DEFAULT_VARIANT_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0"
 ERRORS_KEPT = 5  # per phase, in the JSON
 
 
@@ -83,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "least 64 per level in all)")
     p.add_argument("--stagger-ms", type=float, default=20.0, help="client k of a phase starts k x this later (20)")
     p.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"any of {','.join(PATHS)}")
+    p.add_argument("--variant-env", default=DEFAULT_VARIANT_ENV,
+                   help=f"KEY=VALUE,... for the http_variant app's processes ({DEFAULT_VARIANT_ENV})")
     p.add_argument("--engine-config", type=json.loads, default={},
                    help="JSON merged into the engine config of the engine and http paths, e.g. '{\"switch_interval_ms\": 1}'")
     p.add_argument("--json", help="write results as JSON here")
@@ -94,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.max_tokens = a.max_tokens or (16 if a.quick else 128)
     a.repeats = a.repeats or (2 if a.quick else 5)
     a.paths = [x.strip() for x in a.paths.split(",") if x.strip()]
+    a.variant_env = dict(kv.strip().split("=", 1) for kv in a.variant_env.split(",") if kv.strip())
     bad = [x for x in a.paths if x not in PATHS]
     if bad:
         p.error(f"unknown path(s) {bad}; choose from {PATHS}")
@@ -332,8 +336,8 @@ def ratios_per_repetition(phases: list[dict[str, Any]], args: argparse.Namespace
                 r[f"http_vs_engine_c{level}"] = div(tps("http", level), tps("engine", level))
             if {"http", "mlx_lm_server"} <= set(args.paths):
                 r[f"http_vs_mlx_lm_server_c{level}"] = div(tps("http", level), tps("mlx_lm_server", level))
-            if {"http", "http_inline"} <= set(args.paths):
-                r[f"http_inline_vs_http_c{level}"] = div(tps("http_inline", level), tps("http", level))
+            if {"http", "http_variant"} <= set(args.paths):
+                r[f"http_variant_vs_http_c{level}"] = div(tps("http_variant", level), tps("http", level))
         out.append(r)
     return out
 
@@ -375,6 +379,7 @@ def phase_settings(args: argparse.Namespace, min_s: float) -> dict[str, Any]:
                                            for n in args.levels}, "stagger_ms": args.stagger_ms,
             "connect_retries": CONNECT_RETRIES,
             **({"engine_config": args.engine_config} if hasattr(args, "engine_config") else {}),
+            **({"variant_env": args.variant_env} if "http_variant" in args.paths else {}),
             "order": "warm-up of every path at every level; then per repetition, per level, every path "
                      "once (their order rotating between repetitions)",
             "prompts": "numbered corpus prompts, a new range for every phase (warm-up included)",
@@ -416,7 +421,7 @@ def wait_http(url: str, timeout_s: float) -> None:
 
 
 def start_serve(model_dir: Path, args: argparse.Namespace) -> dict[str, str]:
-    """A local Ray cluster and the Serve app (and the ``http_inline`` one at ``/inline``), each path's
+    """A local Ray cluster and the Serve app (and the ``http_variant`` one at ``/variant``), each path's
     base URL; the caller stops them (``stop_local_serve``)."""
     from ray import serve
 
@@ -426,8 +431,8 @@ def start_serve(model_dir: Path, args: argparse.Namespace) -> dict[str, str]:
     start_local_serve(port)
     base = f"http://127.0.0.1:{port}"
     apps = {"http": ("bench", "/", {})}
-    if "http_inline" in args.paths:
-        apps["http_inline"] = ("bench-inline", "/inline", SERVE_INLINE_ENV)
+    if "http_variant" in args.paths:
+        apps["http_variant"] = ("bench-variant", "/variant", args.variant_env)
     for name, prefix, env in apps.values():
         serve.run(build_app({"env_vars": env, "models": [{
             "name": "bench", "source": str(model_dir), "num_cpus": 0, "max_ongoing_requests": 256, "env_vars": env,
@@ -462,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     ray_up = False
     try:  # both servers start once and stay up; only the phases interleave
-        if {"http", "http_inline"} & set(args.paths):
+        if {"http", "http_variant"} & set(args.paths):
             ray_up = True
             bases.update((path, (base, "bench")) for path, base in start_serve(model_dir, args).items())
         if "mlx_lm_server" in args.paths:
