@@ -8,8 +8,8 @@ Same run, same model, three paths, all started once and kept up for the whole ru
   mlx_lm_server   ``mlx_lm.server`` started on the same model, same streaming requests;
   http_variant    (only when asked for) ``http`` through a second app in the same cluster whose
                   ingress and replica run with ``--variant-env`` set (Serve settings read in those
-                  processes; by default ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``):
-                  ``http_variant_vs_http_cN``.
+                  processes; by default ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``) and whose
+                  engine also takes ``--variant-engine-config``: ``http_variant_vs_http_cN``.
 
 Every request is greedy and generates exactly ``--max-tokens`` tokens (EOS gets a logit bias of
 -100 in all three paths). Clients run closed loops: each sends its next request when the previous
@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"any of {','.join(PATHS)}")
     p.add_argument("--variant-env", default=DEFAULT_VARIANT_ENV,
                    help=f"KEY=VALUE,... for the http_variant app's processes ({DEFAULT_VARIANT_ENV})")
+    p.add_argument("--variant-engine-config", type=json.loads, default={},
+                   help="JSON merged into the http_variant app's engine config, after --engine-config")
     p.add_argument("--engine-config", type=json.loads, default={},
                    help="JSON merged into the engine config of the engine and http paths, e.g. '{\"switch_interval_ms\": 1}'")
     p.add_argument("--json", help="write results as JSON here")
@@ -379,7 +381,8 @@ def phase_settings(args: argparse.Namespace, min_s: float) -> dict[str, Any]:
                                            for n in args.levels}, "stagger_ms": args.stagger_ms,
             "connect_retries": CONNECT_RETRIES,
             **({"engine_config": args.engine_config} if hasattr(args, "engine_config") else {}),
-            **({"variant_env": args.variant_env} if "http_variant" in args.paths else {}),
+            **({"variant_env": args.variant_env, "variant_engine_config": args.variant_engine_config}
+               if "http_variant" in args.paths else {}),
             "order": "warm-up of every path at every level; then per repetition, per level, every path "
                      "once (their order rotating between repetitions)",
             "prompts": "numbered corpus prompts, a new range for every phase (warm-up included)",
@@ -430,14 +433,15 @@ def start_serve(model_dir: Path, args: argparse.Namespace) -> dict[str, str]:
     port = free_port()
     start_local_serve(port)
     base = f"http://127.0.0.1:{port}"
-    apps = {"http": ("bench", "/", {})}
+    engine = {"max_batch_size": max(32, *args.levels), **args.engine_config}
+    apps = {"http": ("bench", "/", {}, engine)}
     if "http_variant" in args.paths:
-        apps["http_variant"] = ("bench-variant", "/variant", args.variant_env)
-    for name, prefix, env in apps.values():
+        apps["http_variant"] = ("bench-variant", "/variant", args.variant_env, {**engine, **args.variant_engine_config})
+    for name, prefix, env, engine_config in apps.values():
         serve.run(build_app({"env_vars": env, "models": [{
             "name": "bench", "source": str(model_dir), "num_cpus": 0, "max_ongoing_requests": 256, "env_vars": env,
-            "engine": {"max_batch_size": max(32, *args.levels), **args.engine_config}}]}), name=name, route_prefix=prefix)
-    bases = {path: base + prefix.rstrip("/") for path, (_, prefix, _) in apps.items()}
+            "engine": engine_config}]}), name=name, route_prefix=prefix)
+    bases = {path: base + prefix.rstrip("/") for path, (_, prefix, _, _) in apps.items()}
     for b in bases.values():
         wait_http(b + "/ready", 300)
     return bases
