@@ -9,7 +9,10 @@ Same run, same model, three paths, all started once and kept up for the whole ru
   http_variant    (only when asked for) ``http`` through a second app in the same cluster whose
                   ingress and replica run with ``--variant-env`` set (Serve settings read in those
                   processes; by default ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``) and whose
-                  engine also takes ``--variant-engine-config``: ``http_variant_vs_http_cN``.
+                  engine also takes ``--variant-engine-config``: ``http_variant_vs_http_cN``;
+  engine_spread   (only when asked for) the in-process engine, each request sent after a pause drawn
+                  from 0..``--spread-ms``: arrivals as spread out as an HTTP hop leaves them, without
+                  the hop: ``engine_spread_vs_engine_cN``.
 
 Every request is greedy and generates exactly ``--max-tokens`` tokens (EOS gets a logit bias of
 -100 in all three paths). Clients run closed loops: each sends its next request when the previous
@@ -40,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -60,7 +64,7 @@ from loadtests.common import (  # noqa: E402
 from loadtests.proc_cpu import PhaseCpu, busiest  # noqa: E402
 
 TARGETS = {"http_vs_engine_c1": 0.9, "http_vs_engine_c32": 0.8, "http_vs_mlx_lm_server_c32": 1.0}
-PATHS = ("engine", "http", "mlx_lm_server", "http_variant")
+PATHS = ("engine", "http", "mlx_lm_server", "http_variant", "engine_spread")
 DEFAULT_PATHS = PATHS[:3]
 DEFAULT_VARIANT_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0"
 ERRORS_KEPT = 5  # per phase, in the JSON
@@ -84,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "least 64 per level in all)")
     p.add_argument("--stagger-ms", type=float, default=20.0, help="client k of a phase starts k x this later (20)")
     p.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"any of {','.join(PATHS)}")
+    p.add_argument("--spread-ms", type=float, default=40.0,
+                   help="engine_spread: each request waits a uniform 0..this many ms before it is sent (40)")
     p.add_argument("--variant-env", default=DEFAULT_VARIANT_ENV,
                    help=f"KEY=VALUE,... for the http_variant app's processes ({DEFAULT_VARIANT_ENV})")
     p.add_argument("--variant-engine-config", type=json.loads, default={},
@@ -254,6 +260,18 @@ async def phase(path: str, level: int, send: Send, prompts: FreshPrompts, per_cl
     return s
 
 
+def spread_sender(send: Send, spread_ms: float, seed: int) -> Send:
+    """``send`` after a pause drawn from 0..``spread_ms``: the pause counts in the phase's wall time, as
+    an HTTP hop's would, and not in the request's time to first token."""
+    rng = random.Random(seed)
+
+    async def spread(prompt: str) -> dict[str, Any]:
+        await asyncio.sleep(rng.uniform(0.0, spread_ms) / 1000.0)
+        return await send(prompt)
+
+    return spread
+
+
 class Senders:
     """Each path's ``send``. An HTTP path gets a new client (new connections) every phase: a keep-alive
     connection left idle while the other paths ran may be closed by its server under the next request."""
@@ -265,9 +283,9 @@ class Senders:
     @contextlib.asynccontextmanager
     async def open(self, path: str, level: int, args: argparse.Namespace,
                    bias: dict[str, float]) -> AsyncIterator[Send]:
-        if path == "engine":
+        if path in ("engine", "engine_spread"):
             assert self.engine is not None
-            yield self.engine
+            yield self.engine if path == "engine" else spread_sender(self.engine, args.spread_ms, level)
             return
         import httpx
 
@@ -285,7 +303,7 @@ async def run_all(args: argparse.Namespace, model_dir: Path, bases: dict[str, tu
     senders = Senders()
     senders.http.update(bases)
     engine = None
-    if "engine" in args.paths:
+    if {"engine", "engine_spread"} & set(args.paths):
         engine = Engine(EngineConfig(max_batch_size=max(32, *args.levels), **args.engine_config))
         await engine.load_model("bench", str(model_dir))
         senders.engine = engine_sender(engine, args.max_tokens, bias)
@@ -338,6 +356,8 @@ def ratios_per_repetition(phases: list[dict[str, Any]], args: argparse.Namespace
                 r[f"http_vs_engine_c{level}"] = div(tps("http", level), tps("engine", level))
             if {"http", "mlx_lm_server"} <= set(args.paths):
                 r[f"http_vs_mlx_lm_server_c{level}"] = div(tps("http", level), tps("mlx_lm_server", level))
+            if {"engine", "engine_spread"} <= set(args.paths):
+                r[f"engine_spread_vs_engine_c{level}"] = div(tps("engine_spread", level), tps("engine", level))
             if {"http", "http_variant"} <= set(args.paths):
                 r[f"http_variant_vs_http_c{level}"] = div(tps("http_variant", level), tps("http", level))
         out.append(r)
@@ -383,6 +403,7 @@ def phase_settings(args: argparse.Namespace, min_s: float) -> dict[str, Any]:
             **({"engine_config": args.engine_config} if hasattr(args, "engine_config") else {}),
             **({"variant_env": args.variant_env, "variant_engine_config": args.variant_engine_config}
                if "http_variant" in args.paths else {}),
+            **({"spread_ms": args.spread_ms} if "engine_spread" in args.paths else {}),
             "order": "warm-up of every path at every level; then per repetition, per level, every path "
                      "once (their order rotating between repetitions)",
             "prompts": "numbered corpus prompts, a new range for every phase (warm-up included)",

@@ -393,3 +393,31 @@ def test_a_constrained_output_must_close_parse_and_validate() -> None:
     assert "did not close" in check(rec("tool", "length", calls=call), grammar_ok)
     wrong = [ToolCallDelta(index=0, id="c1", name="other", arguments=good)]
     assert "publish_article" in check(rec("tool", "tool_calls", calls=wrong), grammar_ok)
+
+
+def test_engine_spread_pauses_each_request_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_http's engine_spread path: a pause drawn from 0..spread_ms before each send, reproducible
+    from its seed, with the prompt passed on unchanged."""
+    pauses: list[float] = []
+    sent: list[str] = []
+
+    async def fake_sleep(delay: float) -> None:
+        pauses.append(delay)
+
+    async def send(prompt: str) -> dict[str, Any]:
+        sent.append(prompt)
+        return {"prompt": prompt}
+
+    async def go(seed: int) -> list[dict[str, Any]]:
+        spread_send = bench_http.spread_sender(send, 30.0, seed)
+        return [await spread_send(f"p{i}") for i in range(50)]
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    recs = asyncio.run(go(1))
+    first = list(pauses)
+    assert [r["prompt"] for r in recs] == sent == [f"p{i}" for i in range(50)]
+    assert len(first) == 50 and all(0.0 <= p <= 0.030 for p in first) and len(set(first)) == 50
+    assert max(first) > 0.02 and min(first) < 0.01  # spread over the range, not one fixed delay
+    pauses.clear()
+    asyncio.run(go(1))
+    assert pauses == first
