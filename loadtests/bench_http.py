@@ -105,7 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.max_tokens = a.max_tokens or (16 if a.quick else 128)
     a.repeats = a.repeats or (2 if a.quick else 5)
     a.paths = [x.strip() for x in a.paths.split(",") if x.strip()]
-    a.variant_env = dict(kv.strip().split("=", 1) for kv in a.variant_env.split(",") if kv.strip())
+    pairs = [kv.strip() for kv in a.variant_env.split(",") if kv.strip()]
+    if any("=" not in kv for kv in pairs):
+        p.error(f"--variant-env takes KEY=VALUE,...; got {a.variant_env!r}")
+    a.variant_env = dict(kv.split("=", 1) for kv in pairs)
     bad = [x for x in a.paths if x not in PATHS]
     if bad:
         p.error(f"unknown path(s) {bad}; choose from {PATHS}")
