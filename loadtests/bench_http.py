@@ -48,7 +48,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -216,26 +215,30 @@ async def http_request(h: Any, model: str, prompt: str, max_tokens: int, bias: d
     return rec
 
 
-async def http_records(base: str, model: str, prompts: list[str], level: int, args: argparse.Namespace,
-                       bias: dict[str, float]) -> tuple[list[dict[str, Any]], float, float]:
-    """``level`` closed-loop streaming clients sharing ``level * requests_per_client`` requests over
-    ``prompts``: one record per request, and the wall-clock (``time.time``) start and end, so groups run
-    in several processes can be pooled (bench_scaling.py)."""
+async def http_records(base: str, model: str, first_prompt: int, level: int, per_client: int, min_s: float,
+                       args: argparse.Namespace, bias: dict[str, float]) -> tuple[list[dict[str, Any]], float, float, list[int]]:
+    """``level`` closed-loop streaming clients on fresh prompts from ``first_prompt`` on, each sending
+    until ``PhaseBudget(per_client, min_s)`` says stop: one record per request, the wall-clock
+    (``time.time``) start and end, so groups run in several processes can be pooled (bench_scaling.py),
+    and the prompt range drawn."""
     import httpx
 
-    pending = deque(range(level * args.requests_per_client))
+    prompts = FreshPrompts(first_prompt)
+    prompts.phase()
     recs: list[dict[str, Any]] = []
+    budget = PhaseBudget(per_client, min_s)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=level + 4)) as h:
 
         async def client(k: int) -> None:
             await stagger(k, getattr(args, "stagger_ms", 20.0))
-            while pending:
-                i = pending.popleft()
-                recs.append(await http_request(h, model, prompts[i % len(prompts)], args.max_tokens, bias))
+            sent = 0
+            while budget.more(sent):
+                recs.append(await http_request(h, model, prompts.take(), args.max_tokens, bias))
+                sent += 1
 
         t0 = time.time()
         await asyncio.gather(*[client(k) for k in range(level)])
-        return recs, t0, time.time()
+        return recs, t0, time.time(), prompts.used()
 
 
 # -- phases -------------------------------------------------------------------------------------------

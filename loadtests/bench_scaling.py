@@ -2,19 +2,26 @@
 
 Starts two Ray nodes on this machine with the product's own node tooling (``ray start --block`` in
 process groups of their own, stopped at the end), each labelled ``host=node-<i>``. On a CUDA machine
-node i sees only GPU i (``CUDA_VISIBLE_DEVICES``) and offers one GPU, and each replica asks for one
-(``num_gpus: 1``), so every "host" is one GPU.
+node i sees only GPU i (``CUDA_VISIBLE_DEVICES``) and offers one GPU, so every "host" is one GPU.
 
 Each host is served as the product serves a fleet: an HTTP proxy on every node (``proxy_location:
 EveryNode``, as in ``config/*.yaml``) in front of its own ingress replica, with its own clients. Both
-nodes share this machine's address, so node-2's proxy binds a port of its own (Ray Serve's
-``RAY_SERVE_WORKER_PROXY_HTTP_PORT``, set in that node's environment). Phase 1 deploys one model
-replica, pinned to node-1, and runs ``--clients`` closed-loop streaming clients against node-1's
-proxy; phase 2 deploys one replica on each node (``max_replicas_per_node: 1``) and runs as many
-clients again against node-2's proxy, in a second client process. The clients are those of
-``bench_http.py`` (``POST /v1/completions``, greedy, EOS suppressed). Ratio: ``two_replicas_vs_one``.
-With ``--engine-control`` it also runs the in-process engine on one GPU, then on both at once, for the
-machine's own ceiling (``engines_two_vs_one``): both "hosts" share one CPU and memory here.
+nodes share this machine's loopback address, so node-2's proxy binds a port of its own (Ray Serve's
+``RAY_SERVE_WORKER_PROXY_HTTP_PORT``, set in that node's environment). Two apps stay up side by side
+for the whole run: ``one`` (at ``/one``: one model replica, pinned to node-1) and ``two`` (at
+``/two``: one replica on each node, ``max_replicas_per_node: 1``); on a GPU each replica takes half
+its node's GPU, so node-1 holds both apps' replicas and the app not measured idles. A phase of
+``one`` runs ``--clients`` closed-loop streaming clients against node-1's proxy; a phase of ``two``
+runs as many again against node-2's proxy, in a second client process. The clients are those of
+``bench_http.py`` (``POST /v1/completions``, greedy, EOS suppressed).
+
+Statistics (docs/benchmarks.md): both apps get the same warm-up; then ``--repeats`` repetitions, each
+running both apps once (their order rotating), each phase on prompts no other phase had and lasting
+``--requests-per-client`` requests per client and at least ``--min-phase-s`` (20 s on a GPU). A phase
+with a failed request is void. Ratio per repetition: ``two_replicas_vs_one``; the JSON's ``ratios``
+holds its median, ``spread`` the median, min, max and every value. With ``--engine-control`` it also
+runs the in-process engine on one GPU, then on both at once, for the machine's own ceiling
+(``engines_two_vs_one``, a control run once each): both "hosts" share one CPU and memory here.
 
 Through one proxy for both hosts (``--one-proxy``, this benchmark's first version), that proxy and
 one client process carry every token of both replicas.
@@ -41,11 +48,16 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtests.bench_http import eos_bias, free_port, http_records, summarize, wait_http  # noqa: E402
-from loadtests.common import ensure_model, machine_info, make_prompts, print_table, reexec_with_openblas, write_json  # noqa: E402
+from loadtests.bench_http import eos_bias, free_port, http_records, median_runs, summarize, wait_http  # noqa: E402
+from loadtests.common import (  # noqa: E402
+    default_min_phase_s, ensure_model, machine_info, print_spread, print_table, reexec_with_openblas, spread,
+    warmup_per_client, write_json,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"two_replicas_vs_one": 1.8}
+APPS = {"one": 1, "two": 2}  # app name (and route prefix) -> model replicas
+PROMPT_STRIDE = 100_000  # each client group of each phase draws prompts from its own range of this size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, help="streaming clients per replica (default 32; --quick 4)")
     p.add_argument("--requests-per-client", type=int, help="requests per client and phase (default 8; --quick 3)")
     p.add_argument("--max-tokens", type=int, help="generated tokens per request (default 128; --quick 16)")
+    p.add_argument("--repeats", type=int, help="interleaved repetitions of both apps (default 5; --quick 2)")
+    p.add_argument("--min-phase-s", type=float, help="a phase lasts at least this long (default 20 on a GPU, else 0)")
+    p.add_argument("--warmup-requests", type=int, help="warm-up requests per client (default 2; on a GPU 64 in all)")
+    p.add_argument("--stagger-ms", type=float, default=20.0, help="client k of a group starts k x this later (20)")
     p.add_argument("--ingress-replicas", type=int, default=2, help="ingress replicas (2: one per node)")
     p.add_argument("--one-proxy", action="store_true", help="all clients through node-1's proxy (HeadOnly)")
     p.add_argument("--engine-control", action="store_true",
@@ -69,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.clients = a.clients or (4 if a.quick else 32)
     a.requests_per_client = a.requests_per_client or (3 if a.quick else 8)
     a.max_tokens = a.max_tokens or (16 if a.quick else 128)
+    a.repeats = a.repeats or (2 if a.quick else 5)
     return a
 
 
@@ -83,15 +100,14 @@ class LocalNodes:
     """Two labelled Ray nodes on this machine, one GPU each when there are GPUs."""
 
     def __init__(self, gpus: int, http_ports: list[int]) -> None:
-        from ray._private.services import get_node_ip_address
-
         from cluster import nodes
 
         self.nodes = nodes
         self.gpus = gpus
         self.http_ports = http_ports  # node i's HTTP proxy; the head's comes from serve.start's http_options
-        self.temp = Path(tempfile.mkdtemp(prefix="mlxs-", dir="/tmp"))  # Ray's socket paths must stay short
-        self.address = f"{get_node_ip_address()}:{free_port()}"
+        # Ray's socket paths must stay short; under RAY_TMPDIR when set, so a caller can clean up after us
+        self.temp = Path(tempfile.mkdtemp(prefix="mlxs-", dir=os.environ.get("RAY_TMPDIR", "/tmp")))
+        self.address = f"127.0.0.1:{free_port()}"  # both "hosts" are this machine: all of Ray on loopback
         self.records: list[Any] = []
         self.hosts = ["node-1", "node-2"]
 
@@ -100,12 +116,12 @@ class LocalNodes:
         from cluster.nodes import NodeRecord
 
         cpus = max(2, (os.cpu_count() or 4) // 2)
-        env = child_env({"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), **self.nodes.niceness_env()})
+        env = child_env({"PYTHONPATH": str(REPO), **self.nodes.node_env("disabled", loopback=True)})
         for i, host in enumerate(self.hosts):
-            argv = self.nodes.ray_start_argv(
+            argv = self.nodes.loopback_node_argv(self.nodes.ray_start_argv(
                 host=host, head=i == 0, address=self.address, port=int(self.address.rsplit(":", 1)[1]),
-                dashboard_port=None, num_cpus=cpus, temp_dir=str(self.temp), block=True, ray=ray_bin(),
-                same_machine=True)
+                dashboard_port=None, node_ip="127.0.0.1", num_cpus=cpus, temp_dir=str(self.temp), block=True,
+                ray=ray_bin(), same_machine=True))
             if i == 0:
                 argv.insert(-1, "--include-dashboard=false")  # not needed here: one process less
             node_env = dict(env)
@@ -136,7 +152,8 @@ def app_args(model_dir: Path, replicas: int, args: argparse.Namespace, gpus: int
     spread = {} if args.one_proxy else {"ingress_max_replicas_per_node": 1}  # each node's proxy has its own ingress
     return {"ingress_replicas": args.ingress_replicas, **spread, "models": [{
         "name": "bench", "source": str(model_dir), "num_replicas": replicas, "hosts": ["node-1", "node-2"][:replicas],
-        "max_replicas_per_node": 1, "num_cpus": 1, "num_gpus": 1 if gpus else 0,
+        # node-1 holds a replica of each app: half its GPU each (the app not measured idles)
+        "max_replicas_per_node": 1, "num_cpus": 1, "num_gpus": 0.5 if gpus else 0,
         # A replica takes what its batch holds; more requests wait at the handle for whichever replica
         # frees a slot first, rather than in one replica's queue while the other has room.
         "max_ongoing_requests": args.clients, "engine": {"max_batch_size": args.clients}}]}
@@ -158,22 +175,27 @@ def node_hosts() -> dict[str, str]:
     return {n["NodeID"]: (n.get("Labels") or {}).get("host", "?") for n in ray.nodes() if n.get("Alive")}
 
 
-def _client_group(base: str, prompts: list[str], clients: int, args: dict[str, Any],
-                  bias: dict[str, float]) -> tuple[list[dict[str, Any]], float, float]:
-    return asyncio.run(http_records(base, "bench", prompts, clients, argparse.Namespace(**args), bias))
+def _client_group(base: str, first_prompt: int, clients: int, per_client: int, min_s: float, args: dict[str, Any],
+                  bias: dict[str, float]) -> tuple[list[dict[str, Any]], float, float, list[int]]:
+    return asyncio.run(http_records(base, "bench", first_prompt, clients, per_client, min_s,
+                                    argparse.Namespace(**args), bias))
 
 
-def load(bases: list[str], prompts: list[str], clients: int, args: argparse.Namespace, bias: dict[str, float],
-         label: str) -> dict[str, Any]:
+def load(bases: list[str], first_prompt: int, clients: int, per_client: int, min_s: float, args: argparse.Namespace,
+         bias: dict[str, float], label: str) -> dict[str, Any]:
     """``clients`` closed-loop clients against each of ``bases``, one process per base (a single asyncio
-    loop parsing every SSE event of two replicas would be the bottleneck), pooled into one result."""
+    loop parsing every SSE event of two replicas would be the bottleneck), pooled into one phase. Group
+    g draws fresh prompts from ``first_prompt + g * PROMPT_STRIDE`` on."""
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(len(bases), mp_context=multiprocessing.get_context("spawn")) as pool:
-        groups = [pool.submit(_client_group, b, prompts, clients, vars(args), bias) for b in bases]
+        groups = [pool.submit(_client_group, b, first_prompt + g * PROMPT_STRIDE, clients, per_client, min_s,
+                              vars(args), bias) for g, b in enumerate(bases)]
         parts = [g.result() for g in groups]
     recs = [r for p in parts for r in p[0]]
-    return summarize(label, clients * len(bases), max(p[2] for p in parts) - min(p[1] for p in parts), recs)
+    s = summarize(label, clients * len(bases), max(p[2] for p in parts) - min(p[1] for p in parts), recs)
+    s["prompts"] = [p[3] for p in parts]
+    return s
 
 
 def engine_control(model_dir: Path, args: argparse.Namespace, gpus: int) -> dict[str, Any]:
@@ -211,82 +233,134 @@ def replica_hosts(app: str, replicas: int) -> list[str]:
     return sorted(str(h) for h, _ in seen)
 
 
+def serve_apps(model_dir: Path, args: argparse.Namespace, gpus: int,
+               bases: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Both apps up and ready; per app, the base URLs its clients use and the hosts of its replicas."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    used: dict[str, list[str]] = {}
+    placements: dict[str, list[str]] = {}
+    for app, replicas in APPS.items():
+        t = time.perf_counter()
+        serve.run(build_app(app_args(model_dir, replicas, args, gpus)), name=app, route_prefix=f"/{app}")
+        used[app] = [f"{b}/{app}" for b in (bases[:1] if args.one_proxy else bases[:replicas])]
+        for base in used[app]:
+            wait_http(base + "/ready", 600)
+        placements[app] = replica_hosts(app, replicas)
+        print(f"-- app {app}: {replicas} replica(s) on {placements[app]}, clients via {used[app]} "
+              f"(up in {time.perf_counter() - t:.0f}s)", flush=True)
+    return used, placements
+
+
+def run_phases(used: dict[str, list[str]], args: argparse.Namespace, bias: dict[str, float],
+               min_s: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The same warm-up for both apps, then the repetitions (both apps once each, order rotating); every
+    phase on prompts of its own."""
+    next_prompt = 0
+    warmup_n = warmup_per_client(args.warmup_requests, args.clients, args.quick)
+
+    def one_phase(app: str, per_client: int, phase_min_s: float) -> dict[str, Any]:
+        nonlocal next_prompt
+        clients = args.clients * APPS[app] // len(used[app])
+        s = load(used[app], next_prompt, clients, per_client, phase_min_s, args, bias, app)
+        next_prompt += PROMPT_STRIDE * len(used[app])
+        return s
+
+    warmup = [one_phase(app, warmup_n, 0.0) for app in APPS]
+    for w in warmup:
+        print(f"warm-up {w['path']}: {w['requests']} requests, void {w['void']}", flush=True)
+    phases = []
+    names = list(APPS)
+    for rep in range(args.repeats):
+        for app in names[rep % 2:] + names[:rep % 2]:
+            s = one_phase(app, args.requests_per_client, min_s)
+            s["repetition"] = rep
+            phases.append(s)
+            print(f"rep {rep} {app}: {s['concurrency']} clients, {s['tokens_per_s']:.1f} tok/s, {s['requests']} requests "
+                  f"{s['wall_s']:.1f}s" + (f"  VOID: {s['error_list'][0]}" if s["void"] else ""), flush=True)
+    return warmup, phases
+
+
+def ratios_per_repetition(phases: list[dict[str, Any]], repeats: int) -> list[float | None]:
+    """two / one per repetition; None where either phase is void."""
+    out: list[float | None] = []
+    for rep in range(repeats):
+        by = {p["path"]: p for p in phases if p["repetition"] == rep}
+        one, two = by.get("one"), by.get("two")
+        ok = one is not None and two is not None and not one["void"] and not two["void"] and one["tokens_per_s"]
+        out.append(two["tokens_per_s"] / one["tokens_per_s"] if ok else None)  # type: ignore[index]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reexec_with_openblas(args.no_openblas)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Ray swaps 127.0.0.1 for the LAN address while multi-node clusters are enabled (read when Ray is
+    # imported): off, both nodes and this driver stay on loopback.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     gpus = count_gpus() if args.gpus is None else args.gpus
     if gpus == 1:
         print("one GPU: both hosts would share it; pass --gpus 0 to run on CPU", file=sys.stderr)
         return 1
     model_dir = ensure_model(args.model, args.model_dir, args.preset)
-    prompts = make_prompts(256)
+    min_s = default_min_phase_s(args.quick) if args.min_phase_s is None else args.min_phase_s
     bias = eos_bias(model_dir)
 
     import ray
     from ray import serve
 
-    from deployments.app import build_app
-
     ports = [free_port(), free_port()]
     cluster = LocalNodes(gpus, ports)
-    results: list[dict[str, Any]] = []
-    placements: dict[int, list[str]] = {}
-    ingress: dict[int, list[str]] = {}
     try:
         cluster.start()
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         serve.start(proxy_location="HeadOnly" if args.one_proxy else "EveryNode",
                     http_options={"host": "127.0.0.1", "port": ports[0]}, logging_config={"log_level": "WARNING"})
-        bases = [f"http://127.0.0.1:{p}" for p in ports]
-        for replicas in (1, 2):
-            t = time.perf_counter()
-            serve.run(build_app(app_args(model_dir, replicas, args, gpus)), name="scale", route_prefix="/")
-            used = bases[:1] if args.one_proxy else bases[:replicas]
-            for base in used:
-                wait_http(base + "/ready", 600)
-            placements[replicas] = replica_hosts("scale", replicas)
-            ingress[replicas] = ingress_hosts(node_hosts())
-            print(f"-- {replicas} replica(s) on {placements[replicas]}, ingress on {ingress[replicas]}, "
-                  f"clients via {used} (up in {time.perf_counter() - t:.0f}s)", flush=True)
-            clients = args.clients * replicas // len(used)
-            load(used, prompts, clients, _level_args(args, 1), bias, "warmup")
-            r = load(used, prompts, clients, args, bias, f"{replicas} replica(s)")
-            r["replicas"] = replicas
-            results.append(r)
-            print(f"   {r['concurrency']} clients: {r['tokens_per_s']:.1f} tok/s, errors {r['errors']}", flush=True)
-            serve.delete("scale")
+        used, placements = serve_apps(model_dir, args, gpus, [f"http://127.0.0.1:{p}" for p in ports])
+        ingress = ingress_hosts(node_hosts())
+        warmup, phases = run_phases(used, args, bias, min_s)
     finally:
         serve.shutdown()
         ray.shutdown()
         cluster.stop()
 
-    print_table(["replicas", "hosts", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "requests", "errors"],
-                [(r["replicas"], ",".join(placements[r["replicas"]]), r["concurrency"], r["tokens_per_s"],
-                  r["ttft_p50_ms"], r["ttft_p99_ms"], r["requests"], r["errors"]) for r in results])
+    rows = median_runs(phases)
+    print_table(["app", "hosts", "clients", "tokens/s (median phase)", "TTFT p50 ms", "TTFT p99 ms", "void runs"],
+                [(r["path"], ",".join(placements[r["path"]]), r["concurrency"], r["tokens_per_s"], r["ttft_p50_ms"],
+                  r["ttft_p99_ms"], r["void_runs"]) for r in rows])
+    per_rep = ratios_per_repetition(phases, args.repeats)
+    summary = {"two_replicas_vs_one": spread(per_rep)}
     control = engine_control(model_dir, args, gpus) if args.engine_control else None
-    ratios = {"two_replicas_vs_one": results[1]["tokens_per_s"] / results[0]["tokens_per_s"]}
     if control is not None:
-        ratios["engines_two_vs_one"] = control["engines_two_vs_one"]
-    for k, v in ratios.items():
-        target = f" (target >= {TARGETS[k]}: {'met' if v >= TARGETS[k] else 'NOT met'})" if k in TARGETS else " (no Ray, no HTTP)"
-        print(f"{k}: {v:.2f}{target}")
+        summary["engines_two_vs_one"] = spread([control["engines_two_vs_one"]])
+    print_spread(summary, digits=3)
+    ratios = {k: v["median"] for k, v in summary.items()}
+    targets = {k: {"target": t, "value": ratios[k], "met": ratios[k] is not None and ratios[k] >= t}
+               for k, t in TARGETS.items()}
+    for k, t in targets.items():
+        print(f"{k}: median {t['value']} (target >= {t['target']}: {'met' if t['met'] else 'NOT met'})")
     if args.json:
         write_json(args.json, {
             "benchmark": "bench_scaling", "machine": machine_info(), "model": str(model_dir),
             "settings": {"gpus": gpus, "clients_per_replica": args.clients, "requests_per_client": args.requests_per_client,
-                         "max_tokens": args.max_tokens, "ingress_replicas": args.ingress_replicas,
+                         "min_phase_s": min_s, "repeats": args.repeats, "warmup_requests_per_client":
+                         warmup_per_client(args.warmup_requests, args.clients, args.quick),
+                         "stagger_ms": args.stagger_ms, "max_tokens": args.max_tokens,
+                         "ingress_replicas": args.ingress_replicas,
                          "proxies": "one (HeadOnly)" if args.one_proxy else "one per node, each with its own client process",
-                         "placements": {str(k): v for k, v in placements.items()},
-                         "ingress_placements": {str(k): v for k, v in ingress.items()}},
-            "results": results, "engine_control": control, "ratios": ratios,
-            "targets": {k: {"target": t, "met": ratios[k] >= t} for k, t in TARGETS.items()}})
+                         "apps": {app: {"replicas": n, "placements": placements[app], "proxies": used[app]}
+                                  for app, n in APPS.items()},
+                         "ingress_placements": ingress,
+                         "order": "warm-up of both apps; then per repetition each app once, the order rotating",
+                         "quick": args.quick},
+            "results": rows, "phases": phases, "warmup": warmup, "void_phases": sum(p["void"] for p in phases),
+            "ratios_per_repetition": [{"two_replicas_vs_one": r} for r in per_rep], "spread": summary,
+            "engine_control": control, "ratios": ratios, "targets": targets})
     return 0
-
-
-def _level_args(args: argparse.Namespace, requests_per_client: int) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), "requests_per_client": requests_per_client})
 
 
 if __name__ == "__main__":

@@ -167,6 +167,30 @@ def test_bench_features_quick(home: Path, tmp_path: Path) -> None:
     assert t["value"] == doc["spread"][f"constrained_vs_free_c{c}"]["median"]
 
 
+def test_bench_scaling_quick(home: Path, tmp_path: Path) -> None:
+    """Two loopback Ray nodes, the one-replica and two-replica apps side by side, interleaved phases."""
+    doc = run_quick("bench_scaling", home, tmp_path)
+    s = doc["settings"]
+    assert s["repeats"] == 2 and s["gpus"] == 0 and s["stagger_ms"] > 0
+    assert s["apps"]["one"]["placements"] == ["node-1"] and s["apps"]["two"]["placements"] == ["node-1", "node-2"]
+    assert len(s["apps"]["two"]["proxies"]) == 2 and all("127.0.0.1" in b for b in s["apps"]["two"]["proxies"])
+    assert_medians(doc, "spread", s["repeats"], {"two_replicas_vs_one"})
+    phases = doc["phases"]
+    assert doc["void_phases"] == sum(p["void"] for p in phases) == 0, [p["error_list"] for p in phases if p["void"]]
+    for rep in range(s["repeats"]):  # both apps in every repetition, the order rotating
+        order = [p["path"] for p in phases if p["repetition"] == rep]
+        assert sorted(order) == ["one", "two"] and order[0] == ["one", "two"][rep % 2]
+    clients = {"one": s["clients_per_replica"], "two": 2 * s["clients_per_replica"]}
+    for p in phases + doc["warmup"]:
+        per_client = s["requests_per_client"] if "repetition" in p else s["warmup_requests_per_client"]
+        assert p["concurrency"] == clients[p["path"]] and p["requests"] >= p["concurrency"] * per_client
+        assert p["tokens"] == p["requests"] * s["max_tokens"] > 0 and p["short_requests"] == p["errors"] == 0
+    assert_fresh([r for p in phases + doc["warmup"] for r in p["prompts"]])
+    by = {(p["repetition"], p["path"]): p["tokens_per_s"] for p in phases}
+    assert doc["spread"]["two_replicas_vs_one"]["values"] == [
+        pytest.approx(by[(r, "two")] / by[(r, "one")]) for r in range(s["repeats"])]
+
+
 def test_bench_priority_quick(home: Path, tmp_path: Path) -> None:
     doc = run_quick("bench_priority", home, tmp_path, ok_codes=(0, 1))  # 1: a target not met (tiny model, 2 cores)
     s = doc["settings"]
