@@ -14,8 +14,15 @@ It also times one unary ``RouterDeployment.choose`` call (the cost of asking the
 Run with ``--paths direct`` and ``PYTHONPATH`` pointing at an older checkout to compare the plain
 model path before and after a change.
 
-    python loadtests/bench_routing.py                       # 32 streams, 64 tokens, 3 rounds
+Statistics (docs/benchmarks.md): every path gets the same warm-up round; every round, warm-up
+included, draws prompts no other round had; a round in which a request fails or comes back short is
+void and gives no ratio. Ratios per round against ``direct`` (``route_1_vs_direct``,
+``route_2_vs_direct``, ``proxied_vs_direct``, tokens/s); the JSON's ``ratios`` are their medians and
+``spread`` has median, min, max and every value.
+
+    python loadtests/bench_routing.py                       # 32 streams, 64 tokens, 5 rounds
     python loadtests/bench_routing.py --json out.json
+    python loadtests/bench_routing.py --quick               # 4 streams, 16 tokens, 2 rounds
 """
 
 from __future__ import annotations
@@ -42,13 +49,18 @@ PATHS = ("direct", "route-1", "route-2", "proxied")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, help="streaming clients (default 32; --quick 4)")
     p.add_argument("--requests-per-client", type=int, default=3)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, help="tokens per request (default 64; --quick 16)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds, every path once each (default 5; --quick 2)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private Ray node")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 4 streams, 16 tokens, 2 rounds")
     p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.concurrency = a.concurrency or (4 if a.quick else 32)
+    a.max_tokens = a.max_tokens or (16 if a.quick else 64)
+    a.rounds = a.rounds or (2 if a.quick else 5)
+    return a
 
 
 class Proxy:
@@ -73,7 +85,8 @@ def build(model_dir: str, with_proxy: bool) -> tuple[Any, bool]:
     from deployments.replica import replica_deployment
 
     m = ModelDeploymentConfig(name="demo", source=model_dir, num_cpus=0)
-    config = AppConfig(models=[m])
+    # The ingress admits by its config's models (QoS): the proxy is one of them, served by `demo`'s weights.
+    config = AppConfig(models=[m, m.model_copy(update={"name": "proxied"})] if with_proxy else [m])
     demo = replica_deployment(m).bind(m.model_dump(mode="json"))
     models = {"demo": demo}
     if with_proxy:
@@ -94,20 +107,25 @@ def build(model_dir: str, with_proxy: bool) -> tuple[Any, bool]:
     return ingress.bind(config.model_dump(mode="json", exclude={"routes"}), models, router), True
 
 
-async def one_round(base: str, model: str, args: argparse.Namespace, bias: dict[str, float]) -> dict[str, Any]:
+async def one_round(base: str, model: str, args: argparse.Namespace, bias: dict[str, float],
+                    prompts: Any) -> dict[str, Any]:
+    """Every client's requests on prompts no other round had (``prompts``: a ``FreshPrompts``). Void
+    when a request fails or generates fewer than ``max_tokens`` tokens."""
     import httpx
 
     ttfts: list[float] = []
     items = tokens = errors = 0
+    prompts.phase()
 
     async def client(c: httpx.AsyncClient, i: int) -> None:
         nonlocal items, tokens, errors
         for j in range(args.requests_per_client):
-            body = {"model": model, "prompt": f"Request {i}.{j}: tell me about lighthouses", "temperature": 0,
+            body = {"model": model, "prompt": prompts.take(), "temperature": 0,
                     "max_tokens": args.max_tokens, "logit_bias": bias, "stream": True,
                     "stream_options": {"include_usage": True}, "user": f"user-{i}"}
             t0 = time.perf_counter()
             first = None
+            got = 0
             async with c.stream("POST", "/v1/completions", json=body) as r:
                 if r.status_code != 200:
                     errors += 1
@@ -117,12 +135,17 @@ async def one_round(base: str, model: str, args: argparse.Namespace, bias: dict[
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     event = json.loads(line[6:])
+                    if "error" in event:
+                        break
                     if event.get("usage"):
-                        tokens += event["usage"]["completion_tokens"]
+                        got = event["usage"]["completion_tokens"]
+                        tokens += got
                     elif event.get("choices"):
                         items += 1
                         if first is None:
                             first = time.perf_counter() - t0
+            if got != args.max_tokens:
+                errors += 1  # an error event, a broken stream or a short output
             if first is not None:
                 ttfts.append(first)
 
@@ -133,7 +156,30 @@ async def one_round(base: str, model: str, args: argparse.Namespace, bias: dict[
         wall = time.perf_counter() - t0
     ttfts.sort()
     return {"tokens_per_s": tokens / wall, "items_per_s": items / wall, "tokens": tokens, "items": items,
-            "wall_s": wall, "errors": errors, "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None}
+            "wall_s": wall, "errors": errors, "void": errors > 0, "prompts": prompts.used(),
+            "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None}
+
+
+def ratios_per_round(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[float | None]]:
+    """Each path's tokens/s over ``direct``'s in the same round; None where either round is void."""
+    out: dict[str, list[float | None]] = {}
+    for p, rs in runs.items():
+        if p == "direct" or "direct" not in runs:
+            continue
+        out[f"{p.replace('-', '_')}_vs_direct"] = [
+            None if a["void"] or d["void"] or not d["tokens_per_s"] else a["tokens_per_s"] / d["tokens_per_s"]
+            for a, d in zip(rs, runs["direct"])]
+    return out
+
+
+def _medians(rounds: list[dict[str, Any]]) -> dict[str, float | None]:
+    """A path's medians over its valid rounds (None when every round was void)."""
+    def med(key: str) -> float | None:
+        xs = [x[key] for x in rounds if x[key] is not None]
+        return statistics.median(xs) if xs else None
+
+    return {"median_tokens_per_s": med("tokens_per_s"), "median_items_per_s": med("items_per_s"),
+            "median_ttft_p50_s": med("ttft_p50_s")}
 
 
 def time_choose(n: int = 200) -> dict[str, float]:
@@ -161,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine import blas
     from engine.demo import make_demo_model
-    from loadtests.common import serving_priority
+    from loadtests.common import FreshPrompts, print_spread, serving_priority, spread
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     model_dir = str(make_demo_model(tmp / "tiny", "tiny"))
@@ -184,28 +230,32 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://127.0.0.1:{port}"
         eos = httpx.post(base + "/tokenize", json={"model": "demo", "prompt": "<|im_end|>"}).json()["tokens"][0]
         bias = {str(eos): -100.0}
-        asyncio.run(one_round(base, "demo", argparse.Namespace(**{**vars(args), "requests_per_client": 1}), bias))  # warm-up
+        prompts = FreshPrompts()
+        warm = argparse.Namespace(**{**vars(args), "requests_per_client": 2})
+        warmup = {p: asyncio.run(one_round(base, "demo" if p == "direct" else p, warm, bias, prompts)) for p in paths}
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
         for r in range(args.rounds):
             for p in paths[r % len(paths):] + paths[:r % len(paths)]:  # rotate the order every round
                 model = "demo" if p == "direct" else p
-                res = asyncio.run(one_round(base, model, args, bias))
+                res = asyncio.run(one_round(base, model, args, bias, prompts))
                 runs[p].append(res)
+                ttft = "-" if res["ttft_p50_s"] is None else f"{res['ttft_p50_s']:.3f}s"
                 print(f"round {r} {p:<8} {res['tokens_per_s']:7.1f} tok/s {res['items_per_s']:7.1f} items/s "
-                      f"ttft p50 {res['ttft_p50_s']:.3f}s errors {res['errors']}", flush=True)
+                      f"ttft p50 {ttft} errors {res['errors']}" + ("  VOID" if res["void"] else ""), flush=True)
+        summary = {k: spread(v) for k, v in ratios_per_round(runs).items()}
+        print_spread(summary, digits=3)
         results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus,
                                "driver_blas": blas.describe() if hasattr(blas, "describe") else None,
                                "replica_LD_PRELOAD": env.get("LD_PRELOAD"),
                                "loadavg_at_end": os.getloadavg()},
                    "settings": {k: v for k, v in vars(args).items() if k != "json"},
-                   "paths": {p: {"median_tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
-                                 "median_items_per_s": statistics.median(x["items_per_s"] for x in rs),
-                                 "median_ttft_p50_s": statistics.median(x["ttft_p50_s"] for x in rs),
-                                 "rounds": rs} for p, rs in runs.items()}}
+                   "paths": {p: {**_medians([x for x in rs if not x["void"]]), "rounds": rs} for p, rs in runs.items()},
+                   "warmup": warmup, "void_rounds": sum(x["void"] for rs in runs.values() for x in rs),
+                   "ratios": {k: v["median"] for k, v in summary.items()}, "spread": summary}
         if has_routes:
             results["unary_choose"] = time_choose()
-        print(json.dumps({p: {k: round(v, 3) for k, v in d.items() if k != "rounds"} for p, d in results["paths"].items()},
-                         indent=1))
+        print(json.dumps({p: {k: None if v is None else round(v, 3) for k, v in d.items() if k != "rounds"}
+                          for p, d in results["paths"].items()}, indent=1))
         if "unary_choose" in results:
             print("unary RouterDeployment.choose round trip:", json.dumps(results["unary_choose"]))
         if args.json:

@@ -191,6 +191,27 @@ def test_bench_scaling_quick(home: Path, tmp_path: Path) -> None:
         pytest.approx(by[(r, "two")] / by[(r, "one")]) for r in range(s["repeats"])]
 
 
+def test_bench_routing_quick(home: Path, tmp_path: Path) -> None:
+    """Every path in every round, fresh prompts, no void round, ratios against direct per round."""
+    doc = run_quick("bench_routing", home, tmp_path)
+    s = doc["settings"]
+    assert s["rounds"] == 2 and s["concurrency"] == 4 and s["quick"]
+    paths = doc["paths"]
+    assert set(paths) == {"direct", "route-1", "route-2", "proxied"} and doc["void_rounds"] == 0
+    rounds = [r for p in paths.values() for r in p["rounds"]]
+    for p in paths.values():
+        assert len(p["rounds"]) == s["rounds"] and p["median_tokens_per_s"] > 0
+    for r in rounds:
+        assert r["tokens"] == s["concurrency"] * s["requests_per_client"] * s["max_tokens"] and r["errors"] == 0
+    assert_fresh([r["prompts"] for r in rounds + list(doc["warmup"].values())])
+    assert_medians(doc, "spread", s["rounds"], {"route_1_vs_direct", "route_2_vs_direct", "proxied_vs_direct"})
+    for i in range(s["rounds"]):
+        direct = paths["direct"]["rounds"][i]["tokens_per_s"]
+        assert doc["spread"]["proxied_vs_direct"]["values"][i] == pytest.approx(
+            paths["proxied"]["rounds"][i]["tokens_per_s"] / direct)
+    assert doc["unary_choose"]["choose_p50_ms"] > 0
+
+
 def test_bench_priority_quick(home: Path, tmp_path: Path) -> None:
     doc = run_quick("bench_priority", home, tmp_path, ok_codes=(0, 1))  # 1: a target not met (tiny model, 2 cores)
     s = doc["settings"]
