@@ -170,13 +170,15 @@ def engine_sender(engine: Any, max_tokens: int, bias: dict[str, float]) -> Send:
     return send
 
 
-async def http_request(h: Any, model: str, prompt: str, max_tokens: int, bias: dict[str, float]) -> dict[str, Any]:
-    """One streamed completion (ours and mlx_lm.server speak the same OpenAI protocol). A refused
-    connect is retried; any later failure is the record's ``error``."""
+async def http_request(h: Any, model: str, prompt: str, max_tokens: int, bias: dict[str, float],
+                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed completion (ours and mlx_lm.server speak the same OpenAI protocol), with ``extra``
+    body fields. A refused connect is retried; any later failure is the record's ``error``; ``chunks``
+    counts the events that carried text."""
     import httpx
 
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "logit_bias": bias,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     rec = new_record(max_tokens)
     chunks, done = 0, False
     start = time.perf_counter()
@@ -212,6 +214,7 @@ async def http_request(h: Any, model: str, prompt: str, max_tokens: int, bias: d
     finally:
         await r.aclose()
     rec["tokens"] = rec["tokens"] or chunks
+    rec["chunks"] = chunks
     return rec
 
 

@@ -15,8 +15,9 @@ Run with ``--paths direct`` and ``PYTHONPATH`` pointing at an older checkout to 
 model path before and after a change.
 
 Statistics (docs/benchmarks.md): every path gets the same warm-up round; every round, warm-up
-included, draws prompts no other round had; a round in which a request fails or comes back short is
-void and gives no ratio. Ratios per round against ``direct`` (``route_1_vs_direct``,
+included, draws prompts no other round had; requests are bench_http.py's (client k connects k x 20 ms
+after the first, a refused connect is retried), and a round in which a request fails after connecting
+or comes back short is void and gives no ratio. Ratios per round against ``direct`` (``route_1_vs_direct``,
 ``route_2_vs_direct``, ``proxied_vs_direct``, tokens/s); the JSON's ``ratios`` are their medians and
 ``spread`` has median, min, max and every value.
 
@@ -109,55 +110,31 @@ def build(model_dir: str, with_proxy: bool) -> tuple[Any, bool]:
 
 async def one_round(base: str, model: str, args: argparse.Namespace, bias: dict[str, float],
                     prompts: Any) -> dict[str, Any]:
-    """Every client's requests on prompts no other round had (``prompts``: a ``FreshPrompts``). Void
-    when a request fails or generates fewer than ``max_tokens`` tokens."""
+    """Every client's requests on prompts no other round had (``prompts``: a ``FreshPrompts``), sent
+    and judged as bench_http.py's phases are: staggered connects, refused ones retried, and the round
+    void when a request fails after connecting or comes back short."""
     import httpx
 
-    ttfts: list[float] = []
-    items = tokens = errors = 0
+    from loadtests.bench_http import http_request, summarize
+    from loadtests.common import stagger
+
+    recs: list[dict[str, Any]] = []
     prompts.phase()
 
     async def client(c: httpx.AsyncClient, i: int) -> None:
-        nonlocal items, tokens, errors
-        for j in range(args.requests_per_client):
-            body = {"model": model, "prompt": prompts.take(), "temperature": 0,
-                    "max_tokens": args.max_tokens, "logit_bias": bias, "stream": True,
-                    "stream_options": {"include_usage": True}, "user": f"user-{i}"}
-            t0 = time.perf_counter()
-            first = None
-            got = 0
-            async with c.stream("POST", "/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    errors += 1
-                    await r.aread()
-                    continue
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        break
-                    if event.get("usage"):
-                        got = event["usage"]["completion_tokens"]
-                        tokens += got
-                    elif event.get("choices"):
-                        items += 1
-                        if first is None:
-                            first = time.perf_counter() - t0
-            if got != args.max_tokens:
-                errors += 1  # an error event, a broken stream or a short output
-            if first is not None:
-                ttfts.append(first)
+        await stagger(i, 20.0)
+        for _ in range(args.requests_per_client):
+            recs.append(await http_request(c, model, prompts.take(), args.max_tokens, bias, {"user": f"user-{i}"}))
 
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*[client(c, i) for i in range(args.concurrency)])
         wall = time.perf_counter() - t0
-    ttfts.sort()
-    return {"tokens_per_s": tokens / wall, "items_per_s": items / wall, "tokens": tokens, "items": items,
-            "wall_s": wall, "errors": errors, "void": errors > 0, "prompts": prompts.used(),
-            "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None}
+    s = summarize(model, args.concurrency, wall, recs)
+    items = sum(r.get("chunks", 0) for r in recs)
+    return {**s, "items": items, "items_per_s": items / wall, "prompts": prompts.used(),
+            "ttft_p50_s": s["ttft_p50_ms"] / 1000 if any(r["ttft"] is not None for r in recs) else None}
 
 
 def ratios_per_round(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[float | None]]:
