@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,7 +61,10 @@ def host_label(name: str | None = None) -> str:
 
 
 def ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
+    """The `ray` beside this Python (its venv's), else the one on PATH: a Python whose packages were
+    installed without console scripts (an unpacked site tree) has none beside it."""
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or str(beside))
 
 
 GCS_CONNECT_TIMEOUT_S = 1.0  # a GCS on this machine or the LAN accepts a TCP connection at once

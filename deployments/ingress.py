@@ -26,6 +26,7 @@ from engine.errors import InvalidRequestError
 from . import admin
 from .admin import RolloutCommand, StageCommand
 from .config import AppConfig, IngressSettings
+from .gcs_kv import RayInternalKV
 from .http.auth import Authenticator, check_exposure
 from .http.errors import install_handlers
 from .http.limits import RequestLimits
@@ -37,6 +38,7 @@ from .protocol import (
     DetokenizeResponse, ErrorResponse, ModelCard, ModelList, ReadyResponse, TokenizeRequest, TokenizeResponse,
 )
 from .qos.service import TICK_S, Qos
+from .qos.shares import DemandBoard
 from .readiness import Readiness
 from .route_client import RouteClient
 from .serving import chat, completions
@@ -69,6 +71,15 @@ def _rank() -> int:
         return 0
 
 
+def _demand_board(qos: Qos) -> DemandBoard | None:
+    """Where this ingress's gates learn the other ingresses' demands (None outside a Ray worker)."""
+    if not RayInternalKV.available():
+        return None
+    context = serve.get_replica_context()
+    qos.me = context.replica_id.unique_id
+    return DemandBoard(context.app_name, qos.me)
+
+
 def _proxy_host() -> str | None:
     """The address Serve's HTTP proxies listen on (asked of the controller once, at start)."""
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
@@ -94,6 +105,7 @@ class Ingress:
         self.targets = Targets(models, self.routes)
         self.qos = Qos(self.config, self.config.auth.keys)
         self.qos.reports_scaling = _rank() == 0  # one ingress replica reports the autoscaler's moves
+        self.demands = _demand_board(self.qos)
         self.flow = GenerationFlow(self.targets, self.routes, self.qos)
         self.readiness = Readiness(serve.get_replica_context().app_name)
         self.created = int(time.time())
@@ -119,10 +131,13 @@ class Ingress:
             self._qos_task = asyncio.get_running_loop().create_task(self._qos_forever())
 
     async def _qos_forever(self) -> None:
-        """Gates sized to the replicas that run, the autoscaler's moves, shedding, gauges: every TICK_S."""
+        """Gates sized to the replicas that run and the ingresses' demands, the autoscaler's moves,
+        shedding, gauges: every TICK_S."""
         while True:
             try:
-                self.qos.refresh(await self.readiness.statuses(self.config))
+                statuses = await self.readiness.statuses(self.config)
+                peers = await asyncio.to_thread(self.demands.exchange, self.qos.demand()) if self.demands else None
+                self.qos.refresh(statuses, peers)
             except RuntimeError as e:
                 if "after shutdown" in str(e):  # the replica is stopping: its thread pool is gone
                     return

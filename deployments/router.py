@@ -38,7 +38,8 @@ from .metrics import RouterMetrics
 from .routing import Outcome, Router, RoutingConfig
 from .routing.config import SATURATION_CODES
 from .routing.errors import RoutingError
-from .routing.persist import RayInternalKV, RolloutStore
+from .gcs_kv import RayInternalKV
+from .routing.persist import RolloutStore
 from .routing.snapshot import RouteSnapshot
 
 logger = logging.getLogger("ray.serve")

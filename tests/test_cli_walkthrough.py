@@ -106,6 +106,19 @@ def test_no_address_file_means_no_probe_at_all(monkeypatch: pytest.MonkeyPatch) 
 
 # -- 4. validate: Serve configs and fleet inventories ------------------------------------------------
 
+def test_ray_bin_is_the_venvs_else_the_one_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Python with no `ray` script beside it (packages unpacked, not pip-installed) finds the one on PATH."""
+    venv, elsewhere = tmp_path / "venv" / "bin", tmp_path / "elsewhere"
+    venv.mkdir(parents=True), elsewhere.mkdir()
+    (elsewhere / "ray").write_text("#!/bin/sh\n")
+    (elsewhere / "ray").chmod(0o755)
+    monkeypatch.setattr(local.sys, "executable", str(venv / "python"))
+    monkeypatch.setenv("PATH", str(elsewhere))
+    assert local.ray_bin() == str(elsewhere / "ray")
+    (venv / "ray").write_text("#!/bin/sh\n")
+    assert local.ray_bin() == str(venv / "ray")
+
+
 def test_validate_config_glob_passes_on_every_shipped_file(capsys: pytest.CaptureFixture[str]) -> None:
     files = sorted(str(p.relative_to(REPO)) for p in CONFIG.glob("*.yaml"))  # what `config/*.yaml` expands to
     assert "config/fleet.example.yaml" in files and "config/fleet.sim.yaml" in files

@@ -100,6 +100,16 @@ def wait_waiting(base: str, n: int) -> None:
     raise AssertionError(f"{n} requests never waited at the gate: {qos_report(base)}")
 
 
+def published_demand(model: str) -> int:
+    """The most of ``model``'s requests that an ingress of the app held at its last tick (Ray's internal KV)."""
+    from deployments.gcs_kv import RayInternalKV
+    from deployments.qos.shares import NAMESPACE, IngressDemand
+
+    kv = RayInternalKV()
+    entries = [IngressDemand.model_validate_json(kv.get(k, NAMESPACE) or b"") for k in kv.keys(f"{APP}/", NAMESPACE)]
+    return max((e.demand.get(model, 0) for e in entries), default=0)
+
+
 def test_interactive_overtakes_queued_batch_requests(base: str) -> None:
     eos = _bias(base)
     holder = Holder(base, eos)
@@ -118,6 +128,8 @@ def test_interactive_overtakes_queued_batch_requests(base: str) -> None:
                 await asyncio.to_thread(wait_waiting, base, i + 1)
             tasks.append(asyncio.create_task(one(client, "interactive", "interactive")))  # ...then one interactive
             await asyncio.to_thread(wait_waiting, base, 4)
+            # What the ingress publishes for the split between ingresses: the holder and the four waiting.
+            assert await asyncio.to_thread(wait_for, "the demand published", lambda: published_demand("q-one") == 5, 30)
             holder.release()
             await asyncio.gather(*tasks)
 

@@ -12,33 +12,9 @@ from deployments.routing import Outcome, Router
 from deployments.routing.persist import NAMESPACE, RolloutStore
 from deployments.routing.snapshot import RouteSnapshot
 
+from tests.fake_kv import Clock, DictKV
+
 FAIL = Outcome(ok=False, code="engine_failure")
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class DictKV:
-    """The store's backend as a dict, failing on demand like an unreachable GCS."""
-
-    def __init__(self) -> None:
-        self.data: dict[tuple[str, str], bytes] = {}
-        self.broken = False
-
-    def get(self, key: str, namespace: str) -> bytes | None:
-        if self.broken:
-            raise ConnectionError("GCS unreachable")
-        return self.data.get((namespace, key))
-
-    def put(self, key: str, value: bytes, namespace: str) -> None:
-        if self.broken:
-            raise ConnectionError("GCS unreachable")
-        self.data[(namespace, key)] = value
 
 
 def route(canary_deployment: str = "llama-rc1", **rollout: Any) -> dict[str, Any]:

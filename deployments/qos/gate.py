@@ -9,7 +9,7 @@ interactive before batch, the earliest deadline first. Batch requests never take
 long batch answer to end. A request whose deadline passes while it waits gets 504 and never reaches
 a replica; past ``max_queued`` waiting, 429.
 
-Each ingress replica has its own gate, with its share of the capacity.
+Each ingress replica has its own gate, with its share of the capacity (``shares``: by demand).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class AdmissionGate:
         self._arrivals = itertools.count()
         self.admitted = {"interactive": 0, "batch": 0}
         self.expired = 0
+        self.peak = 0  # the most requests held at once, running or waiting, since ``take_peak``
         self.resize(capacity)
 
     @property
@@ -53,6 +54,14 @@ class AdmissionGate:
             if not w.future.done():
                 out[w.priority] += 1
         return out
+
+    def held(self) -> int:
+        return self.inflight["interactive"] + self.inflight["batch"] + sum(self.waiting.values())
+
+    def take_peak(self) -> int:
+        """This gate's demand for the split between ingress replicas (``shares``); starts a new period."""
+        peak, self.peak = max(self.peak, self.held()), self.held()
+        return peak
 
     def resize(self, capacity: int) -> None:
         """The model's replicas changed (a host came or went, autoscaling): let waiters use new room."""
@@ -72,6 +81,7 @@ class AdmissionGate:
         ahead = any(not w.future.done() and w.rank <= PRIORITY_RANK[priority] for w in self._waiting)
         if not ahead and self._has_room(priority):
             self._admit(priority)
+            self.peak = max(self.peak, self.held())
             return
         if sum(self.waiting.values()) >= self.max_queued:
             raise OverCapacityError(f"{self.max_queued} requests are waiting for this model; retry shortly",
@@ -79,6 +89,7 @@ class AdmissionGate:
         waiter = _Waiter(PRIORITY_RANK[priority], deadline, next(self._arrivals), priority,
                          asyncio.get_running_loop().create_future())
         heapq.heappush(self._waiting, waiter)
+        self.peak = max(self.peak, self.held())
         try:
             done, _ = await asyncio.wait({waiter.future}, timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.CancelledError:  # the client left while it waited

@@ -3,14 +3,15 @@
 A request takes a ``Ticket`` before it goes to a replica (``admit``: shedding, then the key's limits,
 then the gate, which may make it wait) and gives it back once its last byte is out (``Ticket.finish``),
 which frees its slot, charges its key's tokens and records it against the model's SLOs. ``refresh``
-(every ``TICK_S``, from the ingress) resizes the gates to the replicas that run, reports what the
-autoscaler did, switches shedding and sets the gauges.
+(every ``TICK_S``, from the ingress) resizes the gates to the replicas that run and to the ingresses'
+demands (``shares``), reports what the autoscaler did, switches shedding and sets the gauges.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from .config import Priority, QosConfig
 from .gate import AdmissionGate
 from .metrics import QosMetrics, qos_metrics
 from .quotas import KeyLimiter, Quotas
+from .shares import fair_share
 from .slo import SloTracker, Shedder, WINDOWS_S
 
 TICK_S = 1.0
@@ -95,14 +97,24 @@ class Qos:
     def __init__(self, config: AppConfig, policies: list[KeyPolicy], metrics: QosMetrics | None = None) -> None:
         self.config = config
         self.ingress_replicas = config.ingress_replicas
+        self.me = "me"  # this ingress's name among ``peers``
+        self.peers: Mapping[str, Mapping[str, int]] | None = None  # the live ingresses' demands, by name
         self.models = {m.name: ModelQos(m.name, m.qos, self._capacity(m, m.planned_replicas)) for m in config.models}
         self.quotas = Quotas(policies)
         self.metrics = metrics or qos_metrics()
         self.reports_scaling = True  # one ingress replica (rank 0) reports the autoscaler's moves
 
     def _capacity(self, m: ModelDeploymentConfig, replicas: int) -> int:
-        """This ingress's share of what ``replicas`` running replicas take at once."""
-        return max(1, math.ceil(replicas * m.max_ongoing_requests / self.ingress_replicas))
+        """This ingress's share of what ``replicas`` running replicas take at once: by the ingresses'
+        demands when they are known, else an even split."""
+        total = replicas * m.max_ongoing_requests
+        if not self.peers or self.me not in self.peers:
+            return max(1, math.ceil(total / self.ingress_replicas))
+        return fair_share(total, {who: d.get(m.name, 0) for who, d in self.peers.items()}, self.me)
+
+    def demand(self) -> dict[str, int]:
+        """Per model, the most requests this ingress held at once since the last call (for ``shares``)."""
+        return {name: m.gate.take_peak() for name, m in self.models.items()}
 
     def set_policies(self, policies: list[KeyPolicy]) -> None:
         """Keys changed: kept keys keep their counts."""
@@ -160,8 +172,12 @@ class Qos:
         return ticket
 
     # -- the ingress's tick ---------------------------------------------------------------------
-    def refresh(self, statuses: list[ModelStatus]) -> list[dict[str, Any]]:
-        """Resize the gates to the replicas that run; report scaling and shedding; set gauges. The actions."""
+    def refresh(self, statuses: list[ModelStatus],
+                peers: Mapping[str, Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
+        """Resize the gates to the replicas that run and the ingresses' demands (``peers``, from
+        ``shares.DemandBoard``; None: unknown, split evenly); report scaling and shedding; set gauges.
+        The actions."""
+        self.peers = peers
         actions: list[dict[str, Any]] = []
         by_name = {s.name: s for s in statuses}
         for cfg in self.config.models:

@@ -1,9 +1,8 @@
 """Route snapshots in Ray's internal KV, so a restarted router replica takes its rollouts back.
 
-The one module under ``routing`` that touches Ray, and only through a two-method backend: the default
-one imports ``ray.experimental.internal_kv`` when first used (the GCS keeps the values as long as the
-Ray cluster lives), tests pass a dict. Calls block on the GCS: the router deployment runs them in a
-thread, never on its event loop.
+It touches Ray only through a two-method backend: the default one is Ray's internal KV
+(``deployments.gcs_kv``; the GCS keeps the values as long as the Ray cluster lives), tests pass a
+dict. Calls block on the GCS: the router deployment runs them in a thread, never on its event loop.
 
 Keys: ``rollout/<application>/<route>`` in namespace ``mlx_serving``; values: ``RouteSnapshot`` JSON.
 """
@@ -12,45 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Protocol
 
 from pydantic import ValidationError
 
+from ..gcs_kv import KVBackend, RayInternalKV
 from .snapshot import RouteSnapshot
 
 logger = logging.getLogger("ray.serve")
 
 NAMESPACE = "mlx_serving"
-
-
-class KVBackend(Protocol):
-    def get(self, key: str, namespace: str) -> bytes | None: ...
-
-    def put(self, key: str, value: bytes, namespace: str) -> None: ...
-
-
-class RayInternalKV:
-    """Ray's internal KV (the GCS), as every worker of a connected Ray process can reach it."""
-
-    def get(self, key: str, namespace: str) -> bytes | None:
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        return _internal_kv_get(key, namespace=namespace)
-
-    def put(self, key: str, value: bytes, namespace: str) -> None:
-        from ray.experimental.internal_kv import _internal_kv_put
-
-        _internal_kv_put(key, value, overwrite=True, namespace=namespace)
-
-    @staticmethod
-    def available() -> bool:
-        """False outside a Ray worker (e.g. Serve's local testing mode): nothing to persist to."""
-        try:
-            from ray.experimental.internal_kv import _internal_kv_initialized
-
-            return bool(_internal_kv_initialized())
-        except Exception:  # noqa: BLE001 - no Ray, no store
-            return False
 
 
 class RolloutStore:
