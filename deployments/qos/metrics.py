@@ -19,8 +19,9 @@ QOS_METRICS: dict[str, MetricSpec] = _specs(
     MetricSpec("admission_waiting", "gauge", "Requests waiting at this ingress's admission gate.", ("model", "priority")),
     MetricSpec("admission_inflight", "gauge", "Requests this ingress has let through to the model's replicas.",
                ("model", "priority")),
-    MetricSpec("admission_capacity", "gauge", "Requests this ingress lets through at once (its share of the running "
-                                              "replicas' max_ongoing_requests).", ("model",)),
+    MetricSpec("admission_capacity", "gauge", "Requests this ingress lets through at once (its share, by the "
+                                              "ingresses' demands, of the running replicas' max_ongoing_requests).",
+               ("model",)),
     MetricSpec("admission_expired", "counter", "Requests whose deadline passed while they waited (504).", ("model",)),
     MetricSpec("key_requests", "counter", "Requests per API key (its name, or key-<hash prefix>) and status.",
                ("key", "status")),
