@@ -63,39 +63,41 @@ class DemandBoard:
         self.clock = clock
         self.seq = 0
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (its seq, when it last moved)
+        self.unreachable = False  # the store failed at the last exchange (warned once per outage)
 
     def exchange(self, demand: dict[str, int]) -> dict[str, dict[str, int]] | None:
         """Publish ``demand``; the live ingresses' demands, this one's included, by replica. None when
         the store cannot be reached: the gates then keep the even split. Blocks on the GCS."""
         self.seq += 1
+        mine = self.prefix + self.me
         try:
-            self.backend.put(self.prefix + self.me, IngressDemand(seq=self.seq, demand=demand).model_dump_json().encode(),
-                             NAMESPACE)
-            keys = self.backend.keys(self.prefix, NAMESPACE)
-            entries = {k: self.backend.get(k, NAMESPACE) for k in keys if k != self.prefix + self.me}
+            self.backend.put(mine, IngressDemand(seq=self.seq, demand=demand).model_dump_json().encode(), NAMESPACE)
+            keys = [k for k in self.backend.keys(self.prefix, NAMESPACE) if k != mine]
+            entries = {k: self.backend.get(k, NAMESPACE) for k in keys}
         except Exception as e:  # noqa: BLE001 - the GCS is briefly unreachable: keep the even split
-            log.warning("QoS: ingress demands unavailable (%s); gates keep the even split", type(e).__name__)
+            if not self.unreachable:
+                log.warning("QoS: ingress demands unavailable (%s); gates keep the even split", type(e).__name__)
+            self.unreachable = True
             return None
-        now = self.clock()
-        live = {self.me: demand}
+        self.unreachable = False
+        now, live, seen = self.clock(), {self.me: demand}, {}
         for key, raw in entries.items():
             try:
                 entry = IngressDemand.model_validate_json(raw or b"")
             except ValidationError:
                 continue
-            seq, moved = self._seen.get(key, (-1, now))
-            if entry.seq != seq:
-                moved = now
-            self._seen[key] = (entry.seq, moved)
-            if now - moved < STALE_S:
+            last_seq, moved = self._seen.get(key, (-1, now))
+            seen[key] = (entry.seq, now if entry.seq != last_seq else moved)
+            age = now - seen[key][1]
+            if age < STALE_S:
                 live[key[len(self.prefix):]] = entry.demand
-            elif now - moved >= FORGET_S:
+            elif age >= FORGET_S:
                 self._forget(key)
+        self._seen = seen
         return live
 
     def _forget(self, key: str) -> None:
         try:
             self.backend.delete(key, NAMESPACE)
         except Exception:  # noqa: BLE001 - deleted on a later tick
-            return
-        self._seen.pop(key, None)
+            pass
