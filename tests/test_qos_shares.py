@@ -63,7 +63,9 @@ def test_board_sees_live_ingresses_and_forgets_gone_ones() -> None:
     a.exchange({"m": 30})
     assert (NAMESPACE, "app/b") not in kv.data and (NAMESPACE, "other/c") in kv.data
     kv.broken = True
-    assert a.exchange({"m": 30}) is None  # unreachable: the caller keeps the even split
+    assert a.exchange({"m": 30}) is None and a.unreachable  # unreachable: the caller keeps the even split
+    kv.broken = False
+    assert a.exchange({"m": 30}) == {"a": {"m": 30}} and not a.unreachable
 
 
 def test_qos_sizes_its_gate_by_the_ingresses_demands() -> None:
