@@ -71,13 +71,12 @@ def _rank() -> int:
         return 0
 
 
-def _demand_board(qos: Qos) -> DemandBoard | None:
+def _demand_board() -> DemandBoard | None:
     """Where this ingress's gates learn the other ingresses' demands (None outside a Ray worker)."""
     if not RayInternalKV.available():
         return None
     context = serve.get_replica_context()
-    qos.me = context.replica_id.unique_id
-    return DemandBoard(context.app_name, qos.me)
+    return DemandBoard(context.app_name, context.replica_id.unique_id)
 
 
 def _proxy_host() -> str | None:
@@ -105,7 +104,9 @@ class Ingress:
         self.targets = Targets(models, self.routes)
         self.qos = Qos(self.config, self.config.auth.keys)
         self.qos.reports_scaling = _rank() == 0  # one ingress replica reports the autoscaler's moves
-        self.demands = _demand_board(self.qos)
+        self.demands = _demand_board()
+        if self.demands is not None:
+            self.qos.me = self.demands.me  # its name among the demands the board returns
         self.flow = GenerationFlow(self.targets, self.routes, self.qos)
         self.readiness = Readiness(serve.get_replica_context().app_name)
         self.created = int(time.time())

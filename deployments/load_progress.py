@@ -13,6 +13,7 @@ import json
 import logging
 import time
 
+from .gcs_kv import RayInternalKV
 from .protocol import ReplicaLoad, size_text
 
 NAMESPACE = "mlx_serving_load"
@@ -54,38 +55,31 @@ class LoadReporter:
         self._put(ReplicaLoad(replica=self.replica, phase="loading"))
 
     def done(self) -> None:
-        from ray.experimental import internal_kv
-
         if self.key is None:
             return
         try:
-            internal_kv._internal_kv_del(self.key, namespace=NAMESPACE)
+            RayInternalKV().delete(self.key, NAMESPACE)
         except Exception:  # noqa: BLE001 - progress is advisory; a stale entry is ignored once the replica is gone
             pass
 
     def _put(self, load: ReplicaLoad) -> None:
-        from ray.experimental import internal_kv
-
         if self.key is None:
             return
         load.updated_at = time.time()
         try:
-            internal_kv._internal_kv_put(self.key, load.model_dump_json(), overwrite=True, namespace=NAMESPACE)
+            RayInternalKV().put(self.key, load.model_dump_json().encode(), NAMESPACE)
         except Exception:  # noqa: BLE001 - advisory, as above
             pass
 
 
 def read(app: str, deployment: str, replicas: set[str]) -> list[ReplicaLoad]:
     """Progress of the replicas of ``deployment`` that Serve still lists (a dead one's entry is ignored)."""
-    from ray.experimental import internal_kv
-
-    out = []
+    kv, out = RayInternalKV(), []
     prefix = _prefix(app, deployment)
-    for key in internal_kv._internal_kv_list(prefix, namespace=NAMESPACE):
-        key = key.decode() if isinstance(key, bytes) else key
+    for key in kv.keys(prefix, NAMESPACE):
         if key[len(prefix):] not in replicas:
             continue
-        raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+        raw = kv.get(key, NAMESPACE)
         if raw:
             out.append(ReplicaLoad.model_validate(json.loads(raw)))
     return sorted(out, key=lambda r: r.replica)

@@ -60,7 +60,8 @@ class AdmissionGate:
 
     def take_peak(self) -> int:
         """This gate's demand for the split between ingress replicas (``shares``); starts a new period."""
-        peak, self.peak = max(self.peak, self.held()), self.held()
+        held = self.held()
+        peak, self.peak = max(self.peak, held), held
         return peak
 
     def resize(self, capacity: int) -> None:
